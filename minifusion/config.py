@@ -77,6 +77,26 @@ class UNetConfig:
             sample_size=c.get("sample_size", 128),
         )
 
+    def to_diffusers_config(self) -> dict:
+        if self.transformer_depth_middle != self.transformer_depth[-1]:
+            raise ValueError("diffusers gives the mid block the last level's transformer depth")
+        attn = [d > 0 for d in self.transformer_depth]
+        return {
+            "_class_name": "UNet2DConditionModel", "sample_size": self.sample_size,
+            "in_channels": self.in_channels, "out_channels": self.out_channels,
+            "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+            "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+            "mid_block_type": "UNetMidBlock2DCrossAttn",
+            "block_out_channels": list(self.channels), "layers_per_block": self.num_res_blocks,
+            "transformer_layers_per_block": [max(d, 1) for d in self.transformer_depth],
+            "attention_head_dim": [ch // self.head_dim for ch in self.channels],
+            "cross_attention_dim": self.context_dim, "use_linear_projection": True,
+            "addition_embed_type": "text_time", "addition_time_embed_dim": self.addition_time_embed_dim,
+            "projection_class_embeddings_input_dim": self.adm_in_channels,
+            "norm_num_groups": self.norm_groups, "norm_eps": 1e-5, "act_fn": "silu",
+            "flip_sin_to_cos": True, "freq_shift": 0,
+        }
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -108,6 +128,16 @@ class VAEConfig:
             scaling_factor=c.get("scaling_factor", 0.18215),
         )
 
+    def to_diffusers_config(self) -> dict:
+        n = len(self.ch_mult)
+        return {
+            "_class_name": "AutoencoderKL", "in_channels": self.in_channels, "out_channels": self.out_channels,
+            "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+            "block_out_channels": list(self.channels), "layers_per_block": self.num_res_blocks,
+            "latent_channels": self.latent_channels, "norm_num_groups": self.norm_groups,
+            "scaling_factor": self.scaling_factor, "act_fn": "silu",
+        }
+
 
 @dataclass(frozen=True)
 class TextConfig:
@@ -136,6 +166,19 @@ class TextConfig:
             projection_dim=c.get("projection_dim") if with_projection else None,
             eps=c.get("layer_norm_eps", 1e-5),
         )
+
+    def to_diffusers_config(self) -> dict:
+        return {
+            "architectures": ["CLIPTextModelWithProjection" if self.projection_dim else "CLIPTextModel"],
+            "model_type": "clip_text_model", "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_length, "hidden_size": self.width,
+            "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
+            "intermediate_size": self.mlp_dim, "hidden_act": self.act, "layer_norm_eps": self.eps,
+            "projection_dim": self.projection_dim or self.width,
+            # SDXL's released configs carry eos_token_id 2, which makes transformers pool at argmax(ids)
+            # as open_clip does
+            "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+        }
 
 
 SDXL_UNET = UNetConfig()

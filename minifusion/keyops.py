@@ -32,3 +32,22 @@ def convert_state_dict(source: dict[str, torch.Tensor], table: dict[str, tuple[s
     if missing or unused:
         raise KeyError(f"table and state dict disagree: missing {missing[:5]}, unused {unused[:5]}")
     return {ours: apply_op(source[src], op) for ours, (src, op) in table.items()}
+
+
+def to_source(state: dict[str, torch.Tensor], table: dict[str, tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """The inverse of a table: our state dict written in a checkpoint's layout (tiny checkpoints, tests)."""
+    out: dict[str, torch.Tensor] = {}
+    packed: dict[str, dict[str, torch.Tensor]] = {}
+    for ours, (src, op) in table.items():
+        t = state[ours]
+        if op in ("q", "k", "v"):
+            packed.setdefault(src, {})[op] = t
+        elif op == "T":
+            out[src] = t.t().contiguous()
+        elif op == "conv1x1":
+            out[src] = t.reshape(t.shape[0], t.shape[1]).contiguous()
+        else:
+            out[src] = t.contiguous()
+    for src, parts in packed.items():
+        out[src] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
