@@ -1,0 +1,260 @@
+"""DemoFusion sampling (Du et al., CVPR 2024, arXiv 2311.16973) as the reference implementation does it.
+
+Phase 1 is plain SDXL sampling at the base size. Every later scale s = 2..S upsamples the previous result,
+re-noises it (Eq. 2) and denoises it again; each step first mixes in the re-noised upsample (skip residual,
+Eq. 3), then fuses overlapping local windows (MultiDiffusion) with s x s dilated global views (Eq. 4-6).
+Every mechanism is a pure tensor function below; `demofusion` wires them up like the paper's Algorithm 1.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .schedulers import SCHEDULERS, TRAIN_STEPS
+
+LATENT_CHANNELS = 4
+
+
+def scale_sizes(height: int, width: int, base: int) -> list[tuple[int, int]]:
+    """Latent (h, w) of scales 1..S for a height x width px image on a model native at base px."""
+    n = int(max(height, width) / base)
+    if n < 1:
+        raise ValueError(f"{height}x{width} is smaller than the model's native {base} px")
+    sizes = [(height // n // 8, width // n // 8)]
+    # the reference's own float expression, so int() truncates exactly as it does (768 * aspect must be 512.0)
+    aspect = min(height / base, width / base) / max(height / base, width / base)
+    for s in range(2, n + 1):
+        long, short = base * s, int(base * s * aspect)
+        h, w = (long, short) if height > width else (short, long)
+        sizes.append((int(h / 8), int(w / 8)))
+    return sizes
+
+
+def cosine_factor(t: int) -> float:
+    # decays from 1 at t = 1000 to 0 at t = 0: the guiding terms fade out as denoising proceeds
+    return 0.5 * (1 + math.cos(math.pi * (TRAIN_STEPS - t) / TRAIN_STEPS))
+
+
+def skip_residual(z: torch.Tensor, z_renoised: torch.Tensor, t: int, cosine_scale_1: float) -> torch.Tensor:
+    c1 = cosine_factor(t) ** cosine_scale_1
+    return (1 - c1) * z + c1 * z_renoised  # Eq. 3
+
+
+def fuse(local: torch.Tensor, global_: torch.Tensor, t: int, cosine_scale_2: float) -> torch.Tensor:
+    c2 = cosine_factor(t) ** cosine_scale_2
+    return (1 - c2) * local + c2 * global_  # Eq. 5
+
+
+def renormalise(z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    # end of each scale >= 2: back to phase 1's global statistics (unbiased std), as the reference does
+    return (z - z.mean()) / z.std() * std + mean
+
+
+def upsample(z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(z, size=size, mode="bicubic")  # progressive upscaling: z' of Eq. 2
+
+
+def window_margin(window: int, stride: int) -> int:
+    return (window - stride) // 4
+
+
+def _starts(size: int, window: int, stride: int) -> list[int]:
+    n = -(-(size - window) // stride) + 1
+    return [min(i * stride, size - window) for i in range(n)]  # the last one shifted back to end at the border
+
+
+def _jitter(u: float, start: int, window: int, size: int, margin: int) -> int:
+    # a border window only moves towards its border, into the zero margin, so border latents stay covered
+    lo = 0 if start + window == size else -margin
+    hi = 0 if start == 0 else margin
+    return lo + int(u * (hi - lo + 1))
+
+
+def local_windows(h: int, w: int, window: int, stride: int, jitter: bool = False,
+                  generator: torch.Generator | None = None) -> list[tuple[int, int, int, int]]:
+    """MultiDiffusion windows (top, bottom, left, right) in the latents zero-padded by window_margin on every
+    side. An axis shorter than the window gets one window spanning it."""
+    if not 0 < stride <= window:
+        raise ValueError(f"stride {stride} must be in 1..window ({window})")
+    margin = window_margin(window, stride)
+    wh, ww = min(window, h), min(window, w)
+    corners = [(r, c) for r in _starts(h, wh, stride) for c in _starts(w, ww, stride)]
+    if jitter:
+        device = generator.device if generator is not None else None
+        u = torch.rand(len(corners), 2, generator=generator, device=device, dtype=torch.float64).tolist()
+        corners = [(r + _jitter(ur, r, wh, h, margin), c + _jitter(uc, c, ww, w, margin))
+                   for (r, c), (ur, uc) in zip(corners, u)]
+    return [(r + margin, r + margin + wh, c + margin, c + margin + ww) for r, c in corners]
+
+
+def local_paths(z: torch.Tensor, windows: list[tuple[int, int, int, int]], margin: int,
+                denoise: Callable[[torch.Tensor, list[tuple[int, int]]], torch.Tensor]) -> torch.Tensor:
+    """Denoise every window of the zero-padded latents, average where they overlap (MultiDiffusion).
+    denoise(views, crops) gets each window's micro-conditioning crop: 8 x its corner in the padded frame."""
+    h, w = z.shape[-2:]
+    zp = F.pad(z, (margin, margin, margin, margin))
+    views = torch.cat([zp[:, :, a:b, c:d] for a, b, c, d in windows])
+    out = denoise(views, [(8 * a, 8 * c) for a, _, c, _ in windows]).split(z.shape[0])
+    value, count = torch.zeros_like(zp), torch.zeros_like(zp[:1, :1])
+    for o, (a, b, c, d) in zip(out, windows):
+        value[:, :, a:b, c:d] += o
+        count[:, :, a:b, c:d] += 1
+    inner = (slice(None), slice(None), slice(margin, margin + h), slice(margin, margin + w))
+    return value[inner] / count[inner]
+
+
+def pad_to_multiple(z: torch.Tensor, s: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    ph, pw = -z.shape[-2] % s, -z.shape[-1] % s
+    return F.pad(z, (pw, 0, ph, 0)), (ph, pw)  # zeros at the top and left, as the reference pads
+
+
+def gaussian_blur(z: torch.Tensor, kernel_size: int, std: float) -> torch.Tensor:
+    x = torch.arange(kernel_size, dtype=torch.float32, device=z.device) - (kernel_size - 1) / 2
+    g = torch.exp(-x ** 2 / (2 * std ** 2))
+    g = g / g.sum()
+    k = (g[:, None] * g[None, :]).to(z.dtype).expand(z.shape[1], 1, kernel_size, kernel_size)
+    return F.conv2d(z, k, padding=kernel_size // 2, groups=z.shape[1])  # zero-padded, per channel
+
+
+def blur_rescaled(zp: torch.Tensor, s: int, std: float) -> torch.Tensor:
+    # Eq. 6 with the reference's kernel 2s - 1 (the paper says 4s - 3); rescaled to the unblurred tensor's
+    # global mean and std so blurring removes detail without shrinking the latents' scale
+    b = gaussian_blur(zp, 2 * s - 1, std)
+    return (b - b.mean()) / b.std() * zp.std() + zp.mean()
+
+
+def dilate(z: torch.Tensor, s: int) -> torch.Tensor:
+    """The s*s views z[:, :, i::s, j::s], stacked as view i*s + j (batch inner); sides must divide by s."""
+    b, c, h, w = z.shape
+    return z.reshape(b, c, h // s, s, w // s, s).permute(3, 5, 0, 1, 2, 4).reshape(s * s * b, c, h // s, w // s)
+
+
+def undilate(views: torch.Tensor, s: int) -> torch.Tensor:
+    """Inverse of dilate: scatter every view back to its strided positions."""
+    n, c, h, w = views.shape
+    return views.reshape(s, s, n // (s * s), c, h, w).permute(2, 3, 4, 0, 5, 1).reshape(n // (s * s), c, h * s, w * s)
+
+
+def global_paths(z: torch.Tensor, s: int, blur_std: float,
+                 denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Shifted dilated sampling (Eq. 4-6). denoise(views, model_views): the UNet sees the blurred views,
+    the scheduler step moves the unblurred ones."""
+    zp, (ph, pw) = pad_to_multiple(z, s)
+    out = denoise(dilate(zp, s), dilate(blur_rescaled(zp, s, blur_std), s))
+    return undilate(out, s)[:, :, ph:, pw:]
+
+
+def time_ids(size: tuple[int, int], crops: list[tuple[int, int]]) -> torch.Tensor:
+    # SDXL micro-conditioning rows: original size, crop top-left, target size (original = target here)
+    return torch.tensor([[*size, top, left, *size] for top, left in crops], dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class Cond:
+    """Text conditioning for classifier-free guidance, row 0 negative, row 1 positive (as Pipeline.encode_prompt
+    returns it): context (2, 77, C), pooled (2, P)."""
+    context: torch.Tensor
+    pooled: torch.Tensor
+
+    def __post_init__(self):
+        if self.context.shape[0] != 2 or self.pooled.shape[0] != 2:
+            raise ValueError("Cond wants exactly one negative and one positive row")
+
+
+class ScaleStats(NamedTuple):
+    latent_size: tuple[int, int]
+    windows: int        # local windows per step (0 in phase 1)
+    dilated_views: int  # global views per step, s*s (0 in phase 1)
+    unet_evals: int     # UNet batch items over the scale: views x 2 (CFG) x steps
+    unet_calls: int     # UNet forward calls over the scale
+
+
+class ScaleResult(NamedTuple):
+    scale: int  # 1 = phase 1
+    latents: torch.Tensor
+    stats: ScaleStats
+
+
+def _randn(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
+
+
+@torch.no_grad()
+def demofusion(unet: Callable, cond: Cond, *, height: int, width: int, base_px: int, window: int, steps: int,
+               guidance_scale: float, generator: torch.Generator | None = None, stride: int = 64,
+               view_batch_size: int = 16, cosine_scale_1: float = 3.0, cosine_scale_2: float = 1.0,
+               cosine_scale_3: float = 1.0, sigma: float = 0.8, jitter: bool = True,
+               latents: torch.Tensor | None = None, noise: list[torch.Tensor] | None = None,
+               scheduler: str = "ddim", progress: Callable[[int, int, int, int], None] | None = None
+               ) -> Iterator[ScaleResult]:
+    """Yield ScaleResult(scale, latents, stats) as each scale 1..S finishes; scales >= 2 renormalised.
+
+    unet(latents (N,4,h,w), timesteps (N,), context (N,77,C), pooled (N,P), time_ids (N,6)) -> eps.
+    latents: phase-1 initial noise (1,4,h,w), unscaled; noise: one tensor per scale >= 2. What is not
+    injected is drawn from `generator`, in that order (phase-1 noise, then per scale its noise and the
+    window jitter of each step). progress(scale, step, steps, unet_evals so far in this scale).
+    """
+    sch = SCHEDULERS[scheduler](steps)
+    pairs = list(zip(sch.timesteps, sch.timesteps[1:] + [-1]))
+    sizes = scale_sizes(height, width, base_px)
+    device, dtype = cond.context.device, cond.context.dtype
+    margin = window_margin(window, stride)
+    evals = calls = 0
+
+    def guided_eps(x: torch.Tensor, t: int, crops: list[tuple[int, int]]) -> torch.Tensor:
+        # each view twice (uncond, cond interleaved) in one call, view_batch_size views at a time
+        nonlocal evals, calls
+        out = []
+        for k in range(0, len(x), view_batch_size):
+            n = min(view_batch_size, len(x) - k)
+            e = unet(sch.scale_input(x[k:k + n], t).repeat_interleave(2, dim=0).to(dtype),
+                     torch.full((2 * n,), float(t), device=device),
+                     cond.context.repeat(n, 1, 1), cond.pooled.repeat(n, 1),
+                     time_ids((height, width), crops[k:k + n]).repeat_interleave(2, dim=0).to(device)).float()
+            uncond, text = e[0::2], e[1::2]
+            out.append(uncond + guidance_scale * (text - uncond))
+            evals, calls = evals + 2 * n, calls + 1
+        return torch.cat(out)
+
+    # phase 1: ordinary SDXL sampling at the base size
+    if noise is not None and len(noise) != len(sizes) - 1:
+        raise ValueError(f"{len(sizes)} scales need {len(sizes) - 1} noise tensors, got {len(noise)}")
+    if latents is None:
+        latents = _randn((1, LATENT_CHANNELS, *sizes[0]), generator, device)
+    if latents.shape != (1, LATENT_CHANNELS, *sizes[0]):
+        raise ValueError(f"phase-1 latents must be {(1, LATENT_CHANNELS, *sizes[0])}, got {tuple(latents.shape)}")
+    z = latents.to(device, torch.float32) * sch.init_sigma
+    for i, (t, t_prev) in enumerate(pairs):
+        z = sch.step(z, guided_eps(z, t, [(0, 0)]), t, t_prev)
+        if progress is not None:
+            progress(1, i + 1, steps, evals)
+    yield ScaleResult(1, z, ScaleStats(sizes[0], 0, 0, evals, calls))
+    anchor_mean, anchor_std = z.mean(), z.std()  # the statistics every later scale is renormalised to
+
+    for s in range(2, len(sizes) + 1):
+        evals = calls = 0
+        z_up = upsample(z, sizes[s - 1])
+        eps = noise[s - 2].to(device, torch.float32) if noise is not None else _randn(z_up.shape, generator, device)
+        if eps.shape != z_up.shape:
+            raise ValueError(f"scale {s} noise must be {tuple(z_up.shape)}, got {tuple(eps.shape)}")
+        h, w = z_up.shape[-2:]
+        n_windows = len(local_windows(h, w, window, stride))
+        z = sch.add_noise(z_up, eps, pairs[0][0])  # Eq. 2 at t_0
+        for i, (t, t_prev) in enumerate(pairs):
+            z = skip_residual(z, sch.add_noise(z_up, eps, t), t, cosine_scale_1)  # Eq. 2 (same eps), Eq. 3
+            windows = local_windows(h, w, window, stride, jitter, generator)
+            local = local_paths(z, windows, margin,
+                                lambda v, crops: sch.step(v, guided_eps(v, t, crops), t, t_prev))
+            c3 = 0.99 * cosine_factor(t) ** cosine_scale_3 + 0.01
+            global_ = global_paths(z, s, sigma * c3,
+                                   lambda v, v_blur: sch.step(v, guided_eps(v_blur, t, [(0, 0)] * len(v)), t, t_prev))
+            z = fuse(local, global_, t, cosine_scale_2)
+            if progress is not None:
+                progress(s, i + 1, steps, evals)
+        z = renormalise(z, anchor_mean, anchor_std)
+        yield ScaleResult(s, z, ScaleStats(sizes[s - 1], n_windows, s * s, evals, calls))
