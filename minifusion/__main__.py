@@ -1,0 +1,208 @@
+"""python -m minifusion "a prompt" --out img.png [--height 4096 --width 4096 ...]
+
+Writes every scale as soon as it is ready: img.x1.png (the base size), img.x2.png, ..., and the last scale as
+img.png. Each PNG carries the prompt and every setting in its text metadata; `--settings-from img.png` runs
+those settings again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, PngImagePlugin
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointError, inspect_checkpoint
+from .pipeline import DEFAULT_WEIGHTS, check_request, default_device, default_dtype, load
+from .schedulers import SCHEDULERS
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+METADATA_KEY = "minifusion"
+# the settings a PNG records, CLI flag -> generate() argument
+SETTINGS = {"prompt": "prompt", "negative": "negative_prompt", "height": "height", "width": "width",
+            "steps": "num_inference_steps", "guidance": "guidance_scale", "seed": "seed",
+            "scheduler": "scheduler", "stride": "stride", "view_batch": "view_batch_size",
+            "c1": "cosine_scale_1", "c2": "cosine_scale_2", "c3": "cosine_scale_3", "sigma": "sigma",
+            "tiled_decode": "multi_decoder", "jitter": "jitter"}
+DEFAULTS = {"negative": None, "height": None, "width": None, "steps": 50, "guidance": 7.5, "seed": 0,
+            "scheduler": "ddim", "stride": None, "view_batch": 16, "c1": 3.0, "c2": 1.0, "c3": 1.0,
+            "sigma": 0.8, "tiled_decode": True, "jitter": True}
+
+
+class UserError(Exception):
+    """Something the user can fix; printed as one line, exit status 2."""
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m minifusion", description="DemoFusion high-resolution "
+                                 "text-to-image on SDXL: one image per scale, from the base size up.")
+    ap.add_argument("prompt", nargs="?", help="what to draw")
+    ap.add_argument("--out", type=Path, default=Path("out.png"), help="final image; scales go to NAME.xS.png")
+    ap.add_argument("--negative", help="negative prompt (default: none, i.e. zero embeddings as SDXL base)")
+    ap.add_argument("--height", type=int, help="final height in px, a multiple of 8 (default: 2x the base size)")
+    ap.add_argument("--width", type=int, help="final width in px, a multiple of 8 (default: 2x the base size)")
+    ap.add_argument("--steps", type=int, help="denoising steps per scale (default 50)")
+    ap.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.5)")
+    ap.add_argument("--seed", type=int, help="random seed; the same seed reproduces a run (default 0)")
+    ap.add_argument("--scheduler", choices=list(SCHEDULERS), help="default ddim")
+    ap.add_argument("--stride", type=int, help="local window stride in latents (default: half the window, 64 for SDXL)")
+    ap.add_argument("--view-batch", type=int, dest="view_batch",
+                    help="views per UNet call (default 16); lower it if memory runs out")
+    ap.add_argument("--c1", type=float, help="cosine_scale_1, skip-residual decay (default 3)")
+    ap.add_argument("--c2", type=float, help="cosine_scale_2, dilated-sampling weight decay (default 1)")
+    ap.add_argument("--c3", type=float, help="cosine_scale_3, Gaussian blur decay (default 1)")
+    ap.add_argument("--sigma", type=float, help="std of the Gaussian blur (default 0.8)")
+    ap.add_argument("--no-tiled-decode", dest="tiled_decode", action="store_const", const=False,
+                    help="decode each scale in one piece (more memory)")
+    ap.add_argument("--no-jitter", dest="jitter", action="store_const", const=False,
+                    help="place local windows without random jitter")
+    ap.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS,
+                    help="SDXL .safetensors file or diffusers folder (default: weights/)")
+    ap.add_argument("--device", help="cuda, mps or cpu (default: the first available)")
+    ap.add_argument("--dtype", choices=list(DTYPES), help="default: float16 on GPUs, bfloat16 on CPUs")
+    ap.add_argument("--settings-from", type=Path, dest="settings_from",
+                    help="take the prompt and settings from a PNG minifusion wrote (flags still override)")
+    ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    return ap.parse_args(argv)
+
+
+def resolve_settings(args) -> dict:
+    """Flags given on the command line, over settings from --settings-from, over the defaults."""
+    settings = dict(DEFAULTS)
+    if args.settings_from is not None:
+        settings.update(read_settings(args.settings_from))
+    settings.update({k: v for k in list(SETTINGS) if (v := getattr(args, k, None)) is not None})
+    if not settings.get("prompt"):
+        raise UserError("no prompt given; usage: python -m minifusion \"a prompt\" --out img.png")
+    return settings
+
+
+def read_settings(png: Path) -> dict:
+    try:
+        with Image.open(png) as im:
+            text = im.text.get(METADATA_KEY) if hasattr(im, "text") else None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{png}: cannot read it as an image ({e})") from None
+    if not text:
+        raise UserError(f"{png}: carries no minifusion settings (only PNGs written by minifusion do)")
+    try:
+        saved = json.loads(text)["settings"]
+        return {k: saved[k] for k in SETTINGS if k in saved}
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{png}: its minifusion settings are unreadable") from None
+
+
+def output_paths(out: Path, n_scales: int) -> list[Path]:
+    """img.png -> [img.x1.png, ..., img.x{S-1}.png, img.png]."""
+    return [out.with_name(f"{out.stem}.x{s}{out.suffix}") for s in range(1, n_scales)] + [out]
+
+
+def save_png(image: Image.Image, path: Path, info: dict) -> None:
+    """Write atomically: a temporary file in the same folder, renamed over the target once complete."""
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text(METADATA_KEY, json.dumps(info))
+    meta.add_text("parameters", info["settings"]["prompt"])
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; the image should get the user's usual mode
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=meta)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run(argv=None) -> int:
+    args = parse_args(argv)
+    settings = resolve_settings(args)
+    out = args.out
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out {out}: minifusion writes PNG files; use a name ending in .png")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"--out {out}: folder {out.parent} is not writable")
+
+    cfgs = inspect_checkpoint(args.weights)  # headers only: refuse a bad request before loading anything
+    base, window = cfgs.unet.sample_size * 8, cfgs.unet.sample_size
+    settings["height"] = settings["height"] or 2 * base
+    settings["width"] = settings["width"] or 2 * base
+    settings["stride"] = settings["stride"] or window // 2
+    kwargs = {SETTINGS[k]: v for k, v in settings.items() if k != "prompt"}
+    try:
+        check_request(base, window, settings["height"], settings["width"],
+                      **{k: kwargs[k] for k in ("num_inference_steps", "guidance_scale", "view_batch_size",
+                                                "stride", "cosine_scale_1", "cosine_scale_2", "cosine_scale_3",
+                                                "sigma", "scheduler")})
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    n_scales = max(1, int(max(settings["height"], settings["width"]) / base))
+    paths = output_paths(out, n_scales)
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not args.overwrite:
+        raise UserError(f"{existing[0]} exists; pass --overwrite to replace it, or choose another --out")
+
+    device = torch.device(args.device) if args.device else default_device()
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
+    started = time.perf_counter()
+    pipe = load(args.weights, device=device, dtype=dtype)
+    print(f"loaded {args.weights} on {device} ({str(dtype).replace('torch.', '')}) in "
+          f"{time.perf_counter() - started:.1f} s; {n_scales} scale(s) up to {settings['width']}x{settings['height']}",
+          file=sys.stderr)
+    dropped = pipe.tokenizer.truncated(settings["prompt"])
+    if dropped:
+        print(f"warning: the prompt is longer than CLIP's 77 tokens; ignored: \"{dropped}\"", file=sys.stderr)
+
+    bars: dict[int, tqdm] = {}
+
+    def on_step(scale, step, steps, evals):
+        bar = bars.get(scale)
+        if bar is None:
+            bar = bars[scale] = tqdm(total=steps, desc=f"scale {scale}/{n_scales}", unit="step", leave=True)
+        bar.update(step - bar.n)
+        bar.set_postfix_str(f"{evals} UNet evals")
+        if step == steps:
+            bar.close()
+
+    written = []
+    info = {"settings": settings, "weights": str(args.weights), "device": str(device),
+            "dtype": str(dtype).replace("torch.", ""), "minifusion": "0.1.0"}
+    try:
+        for scale in pipe.iter_generate(settings["prompt"], callback=on_step, decode_progress=True, **kwargs):
+            path = paths[scale.scale - 1]
+            save_png(scale.image, path, {**info, "scale": scale.scale, "stats": scale.stats})
+            written.append(path)
+            print(f"wrote {path} ({scale.image.width}x{scale.image.height}, {scale.stats['seconds']:.1f} s)",
+                  file=sys.stderr)
+    except KeyboardInterrupt:
+        kept = ", ".join(map(str, written)) or "nothing"
+        print(f"\ninterrupted; kept {kept}", file=sys.stderr)
+        return 130
+    except torch.OutOfMemoryError:
+        kept = ", ".join(map(str, written)) or "nothing"
+        raise UserError(f"out of memory at {settings['width']}x{settings['height']}; lower --view-batch "
+                        f"(now {settings['view_batch']}) or the size (kept {kept})") from None
+    return 0
+
+
+def main(argv=None) -> int:
+    try:
+        return run(argv)
+    except (UserError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

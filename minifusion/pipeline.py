@@ -1,0 +1,226 @@
+"""The Pipeline: the four SDXL networks, the tokenizer, prompt encoding and DemoFusion generation."""
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from PIL import Image
+
+from .checkpoint import Configs, load_components
+from .decode import decode_tiled
+from .demofusion import Cond, demofusion, scale_sizes
+from .schedulers import SCHEDULERS
+from .tokenizer import Tokenizer
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+EOS = 49407  # SDXL's encoder 1 pads with end-of-text; encoder 2 pads with 0 ("!")
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # bf16 runs several times faster than fp32 on CPUs with AMX/AVX512-bf16, fp16 is the GPU default
+    return torch.bfloat16 if device.type == "cpu" else torch.float16
+
+
+def load(path: str | Path | None = None, device: str | torch.device | None = None,
+         dtype: torch.dtype | None = None) -> "Pipeline":
+    """Load an SDXL checkpoint: a single .safetensors file or a diffusers-layout folder (default: weights/)."""
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    # SDXL's VAE overflows in fp16 (the reason for diffusers' force_upcast), so it runs in fp32 then
+    vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+    dtypes = {"unet": dtype, "vae": vae_dtype, "text_encoder_1": dtype, "text_encoder_2": dtype}
+    models, cfgs, metadata = load_components(path if path is not None else DEFAULT_WEIGHTS, device, dtypes)
+    return Pipeline(models, cfgs, device, dtype, metadata)
+
+
+def check_request(base: int, window: int, height: int, width: int, num_inference_steps: int = 50,
+                  guidance_scale: float = 7.5, view_batch_size: int = 16, stride: int = 64,
+                  cosine_scale_1: float = 3.0, cosine_scale_2: float = 1.0, cosine_scale_3: float = 1.0,
+                  sigma: float = 0.8, scheduler: str = "ddim") -> None:
+    """Refuse a bad request before any work, saying what was wrong and what to do.
+
+    base: the model's native image size (px); window: its native latent size.
+    """
+    for name, v in (("height", height), ("width", width)):
+        if not isinstance(v, int) or isinstance(v, bool) or v % 8:
+            raise ValueError(f"{name} {v!r} is not a multiple of 8; pick e.g. {max(8, int(v) // 8 * 8)}")
+    if max(height, width) < base:
+        raise ValueError(f"size {width}x{height} is below this model's base size: the longer side must be at "
+                         f"least {base} px (DemoFusion starts at the base size and goes up)")
+    if min(height, width) < base // 4:
+        raise ValueError(f"size {width}x{height} is too narrow: the shorter side must be at least {base // 4} px")
+
+    def number(v, low, strict=False):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
+            and (v > low if strict else v >= low)
+
+    def integer(v, low, high):
+        return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+    checks = [
+        ("num_inference_steps", num_inference_steps, integer(num_inference_steps, 1, 1000), "an integer from 1 to 1000"),
+        ("guidance_scale", guidance_scale, number(guidance_scale, 0), "a finite number >= 0"),
+        ("view_batch_size", view_batch_size, integer(view_batch_size, 1, 1 << 16), "an integer >= 1"),
+        ("stride", stride, integer(stride, 1, window), f"an integer from 1 to the window size, {window}"),
+        ("cosine_scale_1", cosine_scale_1, number(cosine_scale_1, 0), "a finite number >= 0"),
+        ("cosine_scale_2", cosine_scale_2, number(cosine_scale_2, 0), "a finite number >= 0"),
+        ("cosine_scale_3", cosine_scale_3, number(cosine_scale_3, 0), "a finite number >= 0"),
+        ("sigma", sigma, number(sigma, 0, strict=True), "a finite number > 0"),
+        ("scheduler", scheduler, scheduler in SCHEDULERS, "one of " + ", ".join(SCHEDULERS)),
+    ]
+    for name, value, ok, want in checks:
+        if not ok:
+            raise ValueError(f"{name} {value!r} is invalid; it must be {want}")
+
+
+class Pipeline:
+    def __init__(self, models: dict[str, torch.nn.Module], cfgs: Configs, device: torch.device,
+                 dtype: torch.dtype, metadata: dict[str, str] | None = None):
+        self.unet = models["unet"]
+        self.vae = models["vae"]
+        self.text_encoder_1 = models["text_encoder_1"]
+        self.text_encoder_2 = models["text_encoder_2"]
+        self.tokenizer = Tokenizer()
+        self.configs = cfgs
+        self.device = device
+        self.dtype = dtype
+        self.metadata = metadata or {}
+
+    @property
+    def base_size(self) -> int:
+        """The native image size in pixels (1024 for SDXL): DemoFusion's phase-1 size."""
+        return self.configs.unet.sample_size * 8
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: str | list[str], negative_prompts: str | list[str] | None = None):
+        """(context, pooled), negatives first then positives, as classifier-free guidance wants them.
+
+        context is both encoders' penultimate hidden states side by side (B, 77, 768 + 1280); pooled is
+        encoder 2's projected end-of-text embedding. No negative prompt at all means all-zero negative
+        embeddings, as SDXL base does (force_zeros_for_empty_prompt); an explicit "" is encoded.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        context, pooled = self._encode(prompts)
+        if negative_prompts is None:
+            neg_context, neg_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
+        else:
+            negatives = [negative_prompts] * len(prompts) if isinstance(negative_prompts, str) else list(negative_prompts)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+            neg_context, neg_pooled = self._encode(negatives)
+        return torch.cat([neg_context, context]), torch.cat([neg_pooled, pooled])
+
+    def _encode(self, prompts: list[str]):
+        ids_1 = self.tokenizer(prompts, pad_id=EOS).to(self.device)
+        ids_2 = self.tokenizer(prompts, pad_id=0).to(self.device)
+        hidden_1, _ = self.text_encoder_1(ids_1)
+        hidden_2, pooled = self.text_encoder_2(ids_2)
+        return torch.cat([hidden_1, hidden_2], dim=-1).to(self.dtype), pooled.to(self.dtype)
+
+    @torch.no_grad()
+    def iter_generate(self, prompt: str, negative_prompt: str | None = None, height: int | None = None,
+                      width: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                      seed: int | None = 0, view_batch_size: int = 16, stride: int | None = None,
+                      cosine_scale_1: float = 3.0, cosine_scale_2: float = 1.0, cosine_scale_3: float = 1.0,
+                      sigma: float = 0.8, multi_decoder: bool = True, jitter: bool = True,
+                      latents: torch.Tensor | None = None, noise: list[torch.Tensor] | None = None,
+                      scheduler: str = "ddim", callback: Callable[[int, int, int, int], None] | None = None,
+                      decode_progress: bool | Callable[[int, int], None] | None = None) -> Iterator["Scale"]:
+        """Yield each scale as soon as it is decoded (base scale first). Arguments as `generate`."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be text, not {type(prompt).__name__}")
+        height = self.base_size * 2 if height is None else height
+        width = self.base_size * 2 if width is None else width
+        stride = self.configs.unet.sample_size // 2 if stride is None else stride  # 64 for SDXL
+        check_request(self.base_size, self.configs.unet.sample_size, height, width, num_inference_steps,
+                      guidance_scale, view_batch_size, stride, cosine_scale_1, cosine_scale_2, cosine_scale_3,
+                      sigma, scheduler)
+        context, pooled = self.encode_prompt(prompt, negative_prompt)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        run = demofusion(self.unet, Cond(context, pooled), height=height, width=width, base_px=self.base_size,
+                         window=self.configs.unet.sample_size, steps=num_inference_steps,
+                         guidance_scale=guidance_scale, generator=generator, stride=stride,
+                         view_batch_size=view_batch_size, cosine_scale_1=cosine_scale_1,
+                         cosine_scale_2=cosine_scale_2, cosine_scale_3=cosine_scale_3, sigma=sigma, jitter=jitter,
+                         latents=latents, noise=noise, scheduler=scheduler, progress=callback)
+        while True:
+            _reset_peak(self.device)
+            start = time.perf_counter()
+            try:
+                scale = next(run)
+            except StopIteration:
+                return
+            denoised = time.perf_counter() - start
+            image = self.decode(scale.latents, tiled=multi_decoder, progress=decode_progress)
+            stats = {"scale": scale.scale, "latent_size": scale.stats.latent_size, "seconds": time.perf_counter() - start,
+                     "denoise_seconds": denoised, "unet_evaluations": scale.stats.unet_evals,
+                     "unet_calls": scale.stats.unet_calls, "windows": scale.stats.windows,
+                     "dilated_views": scale.stats.dilated_views, "peak_memory_bytes": _peak(self.device)}
+            yield Scale(scale.scale, image, scale.latents, stats)
+
+    def generate(self, prompt: str, **kwargs) -> "Result":
+        """DemoFusion text-to-image: one image per scale, from the base size up to (height, width).
+
+        Knobs as the reference DemoFusion pipeline: view_batch_size (views per UNet call; lower it to save
+        memory), stride (local window stride in latents; default half the window, 64 for SDXL), cosine_scale_1/2/3 (skip residual, fusion and blur
+        decay), sigma (blur std), multi_decoder (tiled decode), plus jitter=False, latents (phase-1 noise)
+        and noise (one re-noising tensor per scale >= 2) to compare runs number for number. `seed` alone
+        reproduces a run on the same device. callback(scale, step, steps, unet_evaluations) after each step.
+        """
+        result = Result()
+        for scale in self.iter_generate(prompt, **kwargs):
+            result.images.append(scale.image)
+            result.latents.append(scale.latents)
+            result.stats.append(scale.stats)
+        return result
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, tiled: bool = True,
+               progress: bool | Callable[[int, int], None] | None = None) -> Image.Image:
+        z = (latents / self.configs.vae.scaling_factor).to(self.vae.post_quant_conv.weight.dtype)
+        x = decode_tiled(self.vae, z, progress=progress) if tiled else self.vae.decode(z)
+        return to_pil(x[0])
+
+
+@dataclass
+class Scale:
+    scale: int
+    image: Image.Image
+    latents: torch.Tensor
+    stats: dict
+
+
+@dataclass
+class Result:
+    images: list[Image.Image] = field(default_factory=list)  # one per scale, base scale first
+    latents: list[torch.Tensor] = field(default_factory=list)  # final latents of each scale, before decoding
+    stats: list[dict] = field(default_factory=list)  # per scale: seconds, UNet evaluations, peak memory
+
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    pixels = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak RSS so far (Linux: KiB)
