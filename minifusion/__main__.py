@@ -1,16 +1,18 @@
 """python -m minifusion "a prompt" --out img.png [--height 4096 --width 4096 ...]
 
 Writes every scale as soon as it is ready: img.x1.png (the base size), img.x2.png, ..., and the last scale as
-img.png. Each PNG carries the prompt and every setting in its text metadata; `--settings-from img.png` runs
-those settings again.
+img.png, each with its latents beside it (img.x2.latent.safetensors). Each PNG carries the prompt and every
+setting in its text metadata; `--settings-from img.png` runs those settings again, and
+`--resume img.x2.latent.safetensors` continues that run from scale 2, to the same or a larger size.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +21,9 @@ from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, inspect_checkpoint
-from .pipeline import DEFAULT_WEIGHTS, check_request, default_device, default_dtype, load
+from .files import LatentFileError, atomic_write, latent_path, load_latents, save_latents
+from .demofusion import is_out_of_memory, scale_sizes
+from .pipeline import DEFAULT_WEIGHTS, NonFiniteError, check_request, default_device, default_dtype, load
 from .schedulers import SCHEDULERS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -68,6 +72,8 @@ def parse_args(argv):
     ap.add_argument("--dtype", choices=list(DTYPES), help="default: float16 on GPUs, bfloat16 on CPUs")
     ap.add_argument("--settings-from", type=Path, dest="settings_from",
                     help="take the prompt and settings from a PNG minifusion wrote (flags still override)")
+    ap.add_argument("--resume", type=Path, help="continue from a finished scale's .latent.safetensors with its "
+                    "settings (flags still override; --height/--width may go larger at the same aspect)")
     ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
     return ap.parse_args(argv)
 
@@ -77,6 +83,8 @@ def resolve_settings(args) -> dict:
     settings = dict(DEFAULTS)
     if args.settings_from is not None:
         settings.update(read_settings(args.settings_from))
+    if args.resume is not None:
+        settings.update({k: v for k, v in args.resume_from.settings.items() if k in SETTINGS})
     settings.update({k: v for k in list(SETTINGS) if (v := getattr(args, k, None)) is not None})
     if not settings.get("prompt"):
         raise UserError("no prompt given; usage: python -m minifusion \"a prompt\" --out img.png")
@@ -104,27 +112,28 @@ def output_paths(out: Path, n_scales: int) -> list[Path]:
 
 
 def save_png(image: Image.Image, path: Path, info: dict) -> None:
-    """Write atomically: a temporary file in the same folder, renamed over the target once complete."""
     meta = PngImagePlugin.PngInfo()
     meta.add_text(METADATA_KEY, json.dumps(info))
     meta.add_text("parameters", info["settings"]["prompt"])
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; the image should get the user's usual mode
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=meta)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=meta))
+
+
+def check_free_space(folder: Path, height: int, width: int, n_scales: int) -> None:
+    """Refuse up front when the images cannot fit: PNGs of noise-like images approach 3 bytes a pixel."""
+    need = sum(3 * (height * s // n_scales) * (width * s // n_scales) for s in range(1, n_scales + 1))
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise UserError(f"{folder}: only {free / 2**20:.0f} MiB free, the images may need up to "
+                        f"{need / 2**20:.0f} MiB; free some space or choose another --out folder")
 
 
 def run(argv=None) -> int:
     args = parse_args(argv)
+    if args.resume is not None:
+        try:
+            args.resume_from = load_latents(args.resume)
+        except LatentFileError as e:
+            raise UserError(str(e)) from None
     settings = resolve_settings(args)
     out = args.out
     if out.suffix.lower() != ".png":
@@ -148,10 +157,23 @@ def run(argv=None) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     n_scales = max(1, int(max(settings["height"], settings["width"]) / base))
+    first = args.resume_from.scale + 1 if args.resume is not None else 1
+    if first > n_scales:
+        raise UserError(f"--resume {args.resume}: that run already reached scale {first - 1}; ask for a larger "
+                        f"--height/--width (scale {first} needs the longer side >= {first * base} px)")
+    if args.resume is not None:
+        want = scale_sizes(settings["height"], settings["width"], base)[first - 2]
+        have = tuple(args.resume_from.latents.shape[-2:])
+        if want != have:
+            raise UserError(f"--resume {args.resume}: its scale-{first - 1} latents are {have[1]}x{have[0]}, but a "
+                            f"{settings['width']}x{settings['height']} run has {want[1]}x{want[0]} there; keep the "
+                            "aspect ratio of the run you resume")
     paths = output_paths(out, n_scales)
-    existing = [str(p) for p in paths if p.exists()]
+    written_paths = [q for p in paths[first - 1:] for q in (p, latent_path(p))]
+    existing = [str(p) for p in written_paths if p.exists()]
     if existing and not args.overwrite:
         raise UserError(f"{existing[0]} exists; pass --overwrite to replace it, or choose another --out")
+    check_free_space(out.parent, settings["height"], settings["width"], n_scales)
 
     device = torch.device(args.device) if args.device else default_device()
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
@@ -160,9 +182,6 @@ def run(argv=None) -> int:
     print(f"loaded {args.weights} on {device} ({str(dtype).replace('torch.', '')}) in "
           f"{time.perf_counter() - started:.1f} s; {n_scales} scale(s) up to {settings['width']}x{settings['height']}",
           file=sys.stderr)
-    dropped = pipe.tokenizer.truncated(settings["prompt"])
-    if dropped:
-        print(f"warning: the prompt is longer than CLIP's 77 tokens; ignored: \"{dropped}\"", file=sys.stderr)
 
     bars: dict[int, tqdm] = {}
 
@@ -178,30 +197,58 @@ def run(argv=None) -> int:
     written = []
     info = {"settings": settings, "weights": str(args.weights), "device": str(device),
             "dtype": str(dtype).replace("torch.", ""), "minifusion": "0.1.0"}
+    resume = args.resume_from if args.resume is not None else None
+    if resume is not None:
+        info["resumed_from"] = str(args.resume)
     try:
-        for scale in pipe.iter_generate(settings["prompt"], callback=on_step, decode_progress=True, **kwargs):
+        for scale in pipe.iter_generate(settings["prompt"], callback=on_step, decode_progress=True,
+                                        resume=resume, **kwargs):
             path = paths[scale.scale - 1]
-            save_png(scale.image, path, {**info, "scale": scale.scale, "stats": scale.stats})
+            try:
+                save_png(scale.image, path, {**info, "scale": scale.scale, "stats": scale.stats})
+                save_latents(latent_path(path), scale.saved(settings))
+            except OSError as e:
+                raise UserError(f"cannot write {path}: {e.strerror or e}") from None
             written.append(path)
             print(f"wrote {path} ({scale.image.width}x{scale.image.height}, {scale.stats['seconds']:.1f} s)",
                   file=sys.stderr)
     except KeyboardInterrupt:
-        kept = ", ".join(map(str, written)) or "nothing"
-        print(f"\ninterrupted; kept {kept}", file=sys.stderr)
+        print(f"\ninterrupted; kept {_listing(written)}", file=sys.stderr)
         return 130
-    except torch.OutOfMemoryError:
-        kept = ", ".join(map(str, written)) or "nothing"
-        raise UserError(f"out of memory at {settings['width']}x{settings['height']}; lower --view-batch "
-                        f"(now {settings['view_batch']}) or the size (kept {kept})") from None
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise UserError(f"out of memory even with one view per UNet call (--view-batch 1) at "
+                        f"{settings['width']}x{settings['height']}; use a smaller --height/--width or a device with "
+                        f"more memory (kept {_listing(written)})") from None
+    except UserError as e:
+        raise UserError(f"{e} (kept {_listing(written)})") from None
     return 0
 
 
+def _listing(paths: list[Path]) -> str:
+    return ", ".join(map(str, paths)) or "nothing"
+
+
+class _OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
 def main(argv=None) -> int:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine())
+    logging.getLogger("minifusion").addHandler(handler)
     try:
         return run(argv)
     except (UserError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        logging.getLogger("minifusion").removeHandler(handler)
 
 
 if __name__ == "__main__":

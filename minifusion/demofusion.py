@@ -179,6 +179,21 @@ class ScaleResult(NamedTuple):
     stats: ScaleStats
 
 
+class Resume(NamedTuple):
+    """Continue a run from a finished scale: its latents and phase 1's statistics (the renormalisation
+    anchor). The caller restores the generator state saved with them to continue the same random stream."""
+    scale: int
+    latents: torch.Tensor
+    anchor_mean: float
+    anchor_std: float
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    # CUDA raises its own type; the CPU and MPS allocators raise a plain RuntimeError
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e)))
+
+
 def _randn(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
@@ -190,7 +205,8 @@ def demofusion(unet: Callable, cond: Cond, *, height: int, width: int, base_px: 
                view_batch_size: int = 16, cosine_scale_1: float = 3.0, cosine_scale_2: float = 1.0,
                cosine_scale_3: float = 1.0, sigma: float = 0.8, jitter: bool = True,
                latents: torch.Tensor | None = None, noise: list[torch.Tensor] | None = None,
-               scheduler: str = "ddim", progress: Callable[[int, int, int, int], None] | None = None
+               scheduler: str = "ddim", progress: Callable[[int, int, int, int], None] | None = None,
+               resume: Resume | None = None, on_out_of_memory: Callable[[int], None] | None = None
                ) -> Iterator[ScaleResult]:
     """Yield ScaleResult(scale, latents, stats) as each scale 1..S finishes; scales >= 2 renormalised.
 
@@ -198,6 +214,10 @@ def demofusion(unet: Callable, cond: Cond, *, height: int, width: int, base_px: 
     latents: phase-1 initial noise (1,4,h,w), unscaled; noise: one tensor per scale >= 2. What is not
     injected is drawn from `generator`, in that order (phase-1 noise, then per scale its noise and the
     window jitter of each step). progress(scale, step, steps, unet_evals so far in this scale).
+    resume: start after a finished scale instead of at phase 1.
+    When a UNet call runs out of memory the view batch is halved for the rest of the run and the call
+    retried (the same views, so the same result); on_out_of_memory(new batch) is told. Only a single view
+    that does not fit is an error.
     """
     sch = SCHEDULERS[scheduler](steps)
     pairs = list(zip(sch.timesteps, sch.timesteps[1:] + [-1]))
@@ -205,38 +225,58 @@ def demofusion(unet: Callable, cond: Cond, *, height: int, width: int, base_px: 
     device, dtype = cond.context.device, cond.context.dtype
     margin = window_margin(window, stride)
     evals = calls = 0
+    batch = view_batch_size
 
     def guided_eps(x: torch.Tensor, t: int, crops: list[tuple[int, int]]) -> torch.Tensor:
-        # each view twice (uncond, cond interleaved) in one call, view_batch_size views at a time
-        nonlocal evals, calls
-        out = []
-        for k in range(0, len(x), view_batch_size):
-            n = min(view_batch_size, len(x) - k)
-            e = unet(sch.scale_input(x[k:k + n], t).repeat_interleave(2, dim=0).to(dtype),
-                     torch.full((2 * n,), float(t), device=device),
-                     cond.context.repeat(n, 1, 1), cond.pooled.repeat(n, 1),
-                     time_ids((height, width), crops[k:k + n]).repeat_interleave(2, dim=0).to(device)).float()
+        # each view twice (uncond, cond interleaved) in one call, `batch` views at a time
+        nonlocal evals, calls, batch
+        out, k = [], 0
+        while k < len(x):
+            n = min(batch, len(x) - k)
+            try:
+                e = unet(sch.scale_input(x[k:k + n], t).repeat_interleave(2, dim=0).to(dtype),
+                         torch.full((2 * n,), float(t), device=device),
+                         cond.context.repeat(n, 1, 1), cond.pooled.repeat(n, 1),
+                         time_ids((height, width), crops[k:k + n]).repeat_interleave(2, dim=0).to(device)).float()
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
+                if not is_out_of_memory(err) or n == 1:
+                    raise
+                batch = n // 2
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if on_out_of_memory is not None:
+                    on_out_of_memory(batch)
+                continue
             uncond, text = e[0::2], e[1::2]
             out.append(uncond + guidance_scale * (text - uncond))
-            evals, calls = evals + 2 * n, calls + 1
+            evals, calls, k = evals + 2 * n, calls + 1, k + n
         return torch.cat(out)
 
-    # phase 1: ordinary SDXL sampling at the base size
     if noise is not None and len(noise) != len(sizes) - 1:
         raise ValueError(f"{len(sizes)} scales need {len(sizes) - 1} noise tensors, got {len(noise)}")
-    if latents is None:
-        latents = _randn((1, LATENT_CHANNELS, *sizes[0]), generator, device)
-    if latents.shape != (1, LATENT_CHANNELS, *sizes[0]):
-        raise ValueError(f"phase-1 latents must be {(1, LATENT_CHANNELS, *sizes[0])}, got {tuple(latents.shape)}")
-    z = latents.to(device, torch.float32) * sch.init_sigma
-    for i, (t, t_prev) in enumerate(pairs):
-        z = sch.step(z, guided_eps(z, t, [(0, 0)]), t, t_prev)
-        if progress is not None:
-            progress(1, i + 1, steps, evals)
-    yield ScaleResult(1, z, ScaleStats(sizes[0], 0, 0, evals, calls))
-    anchor_mean, anchor_std = z.mean(), z.std()  # the statistics every later scale is renormalised to
+    if resume is None:
+        # phase 1: ordinary SDXL sampling at the base size
+        if latents is None:
+            latents = _randn((1, LATENT_CHANNELS, *sizes[0]), generator, device)
+        if latents.shape != (1, LATENT_CHANNELS, *sizes[0]):
+            raise ValueError(f"phase-1 latents must be {(1, LATENT_CHANNELS, *sizes[0])}, got {tuple(latents.shape)}")
+        z = latents.to(device, torch.float32) * sch.init_sigma
+        for i, (t, t_prev) in enumerate(pairs):
+            z = sch.step(z, guided_eps(z, t, [(0, 0)]), t, t_prev)
+            if progress is not None:
+                progress(1, i + 1, steps, evals)
+        yield ScaleResult(1, z, ScaleStats(sizes[0], 0, 0, evals, calls))
+        anchor_mean, anchor_std = z.mean(), z.std()  # the statistics every later scale is renormalised to
+        first = 2
+    else:
+        if not 1 <= resume.scale <= len(sizes) or resume.latents.shape[-2:] != sizes[resume.scale - 1]:
+            raise ValueError(f"cannot resume: scale {resume.scale} latents of size {tuple(resume.latents.shape[-2:])} "
+                             f"do not fit a {width}x{height} run (its scales are {sizes})")
+        z = resume.latents.to(device, torch.float32)
+        anchor_mean, anchor_std = resume.anchor_mean, resume.anchor_std
+        first = resume.scale + 1
 
-    for s in range(2, len(sizes) + 1):
+    for s in range(first, len(sizes) + 1):
         evals = calls = 0
         z_up = upsample(z, sizes[s - 1])
         eps = noise[s - 2].to(device, torch.float32) if noise is not None else _randn(z_up.shape, generator, device)

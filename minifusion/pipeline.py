@@ -1,6 +1,7 @@
 """The Pipeline: the four SDXL networks, the tokenizer, prompt encoding and DemoFusion generation."""
 from __future__ import annotations
 
+import logging
 import math
 import resource
 import time
@@ -13,11 +14,14 @@ from PIL import Image
 
 from .checkpoint import Configs, load_components
 from .decode import decode_tiled
-from .demofusion import Cond, demofusion, scale_sizes
+from .demofusion import Cond, Resume, demofusion, is_out_of_memory
+from .files import SavedScale
 from .schedulers import SCHEDULERS
 from .tokenizer import Tokenizer
 
+log = logging.getLogger("minifusion")
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+MIN_DECODE_TILE = 32
 EOS = 49407  # SDXL's encoder 1 pads with end-of-text; encoder 2 pads with 0 ("!")
 
 
@@ -86,6 +90,10 @@ def check_request(base: int, window: int, height: int, width: int, num_inference
             raise ValueError(f"{name} {value!r} is invalid; it must be {want}")
 
 
+class NonFiniteError(RuntimeError):
+    """The model produced NaN or inf: an overflow, typically float16."""
+
+
 class Pipeline:
     def __init__(self, models: dict[str, torch.nn.Module], cfgs: Configs, device: torch.device,
                  dtype: torch.dtype, metadata: dict[str, str] | None = None):
@@ -113,6 +121,9 @@ class Pipeline:
         embeddings, as SDXL base does (force_zeros_for_empty_prompt); an explicit "" is encoded.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        for p in prompts + ([negative_prompts] if isinstance(negative_prompts, str) else list(negative_prompts or [])):
+            if dropped := self.tokenizer.truncated(p):
+                log.warning('the prompt is longer than CLIP\'s 77 tokens; this part is ignored: "%s"', dropped)
         context, pooled = self._encode(prompts)
         if negative_prompts is None:
             neg_context, neg_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
@@ -138,10 +149,13 @@ class Pipeline:
                       sigma: float = 0.8, multi_decoder: bool = True, jitter: bool = True,
                       latents: torch.Tensor | None = None, noise: list[torch.Tensor] | None = None,
                       scheduler: str = "ddim", callback: Callable[[int, int, int, int], None] | None = None,
-                      decode_progress: bool | Callable[[int, int], None] | None = None) -> Iterator["Scale"]:
+                      decode_progress: bool | Callable[[int, int], None] | None = None,
+                      resume: SavedScale | None = None) -> Iterator["Scale"]:
         """Yield each scale as soon as it is decoded (base scale first). Arguments as `generate`."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be text, not {type(prompt).__name__}")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise TypeError(f"negative_prompt must be text or None, not {type(negative_prompt).__name__}")
         height = self.base_size * 2 if height is None else height
         width = self.base_size * 2 if width is None else width
         stride = self.configs.unet.sample_size // 2 if stride is None else stride  # 64 for SDXL
@@ -150,12 +164,20 @@ class Pipeline:
                       sigma, scheduler)
         context, pooled = self.encode_prompt(prompt, negative_prompt)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        start_from = None
+        if resume is not None:
+            start_from = Resume(resume.scale, resume.latents, resume.anchor_mean, resume.anchor_std)
+            if generator is not None and resume.generator_state is not None:
+                generator.set_state(resume.generator_state)
         run = demofusion(self.unet, Cond(context, pooled), height=height, width=width, base_px=self.base_size,
                          window=self.configs.unet.sample_size, steps=num_inference_steps,
                          guidance_scale=guidance_scale, generator=generator, stride=stride,
                          view_batch_size=view_batch_size, cosine_scale_1=cosine_scale_1,
                          cosine_scale_2=cosine_scale_2, cosine_scale_3=cosine_scale_3, sigma=sigma, jitter=jitter,
-                         latents=latents, noise=noise, scheduler=scheduler, progress=callback)
+                         latents=latents, noise=noise, scheduler=scheduler, progress=callback, resume=start_from,
+                         on_out_of_memory=lambda n: log.warning(
+                             "out of memory: continuing with %d view(s) per UNet call (view_batch_size)", n))
+        anchor = (start_from.anchor_mean, start_from.anchor_std) if start_from else None
         while True:
             _reset_peak(self.device)
             start = time.perf_counter()
@@ -163,13 +185,19 @@ class Pipeline:
                 scale = next(run)
             except StopIteration:
                 return
+            if not torch.isfinite(scale.latents).all():
+                raise NonFiniteError(f"scale {scale.scale}'s latents contain NaN or inf: the UNet overflowed in "
+                                     f"{str(self.dtype).replace('torch.', '')}; use bfloat16 or float32")
+            if anchor is None:
+                anchor = (scale.latents.mean().item(), scale.latents.std().item())
             denoised = time.perf_counter() - start
             image = self.decode(scale.latents, tiled=multi_decoder, progress=decode_progress)
             stats = {"scale": scale.scale, "latent_size": scale.stats.latent_size, "seconds": time.perf_counter() - start,
                      "denoise_seconds": denoised, "unet_evaluations": scale.stats.unet_evals,
                      "unet_calls": scale.stats.unet_calls, "windows": scale.stats.windows,
                      "dilated_views": scale.stats.dilated_views, "peak_memory_bytes": _peak(self.device)}
-            yield Scale(scale.scale, image, scale.latents, stats)
+            state = generator.get_state() if generator is not None else None
+            yield Scale(scale.scale, image, scale.latents, stats, anchor, state)
 
     def generate(self, prompt: str, **kwargs) -> "Result":
         """DemoFusion text-to-image: one image per scale, from the base size up to (height, width).
@@ -188,10 +216,25 @@ class Pipeline:
         return result
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, tiled: bool = True,
+    def decode(self, latents: torch.Tensor, tiled: bool = True, tile: int = 256,
                progress: bool | Callable[[int, int], None] | None = None) -> Image.Image:
+        """Latents (scaled, as the sampler returns them) -> PIL image. Out of memory: the tile is halved
+        (an untiled decode becomes a tiled one) until it fits or is smaller than MIN_DECODE_TILE."""
         z = (latents / self.configs.vae.scaling_factor).to(self.vae.post_quant_conv.weight.dtype)
-        x = decode_tiled(self.vae, z, progress=progress) if tiled else self.vae.decode(z)
+        while True:
+            try:
+                x = decode_tiled(self.vae, z, tile=tile, progress=progress) if tiled else self.vae.decode(z)
+                break
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
+                if not is_out_of_memory(err) or (tiled and tile // 2 < MIN_DECODE_TILE):
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                tile = tile // 2 if tiled else tile
+                tiled = True
+                log.warning("out of memory in the VAE decode: decoding in tiles of %d px", tile)
+        if not torch.isfinite(x).all():
+            raise NonFiniteError("the VAE decode produced NaN or inf (a float16 overflow); decode in float32")
         return to_pil(x[0])
 
 
@@ -201,6 +244,11 @@ class Scale:
     image: Image.Image
     latents: torch.Tensor
     stats: dict
+    anchor: tuple[float, float]  # phase 1's latent mean and std, which every later scale is renormalised to
+    generator_state: torch.Tensor | None  # the random stream after this scale, to resume from it
+
+    def saved(self, settings: dict) -> SavedScale:
+        return SavedScale(self.scale, self.latents, *self.anchor, self.generator_state, settings)
 
 
 @dataclass

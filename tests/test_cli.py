@@ -117,7 +117,7 @@ def test_interrupt_keeps_finished_scales(tiny_file, tmp_path, capsys, monkeypatc
     out = tmp_path / "cut.png"
     code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", out, "--height", "512", *FAST)
     assert code == 130 and "kept" in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.x1.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.x1.latent.safetensors", "cut.x1.png"]
     Image.open(tmp_path / "cut.x1.png").verify()
 
 
@@ -134,7 +134,8 @@ def test_out_of_memory_names_the_knob(tiny_file, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(cli, "load", load_with_oom)
     code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", tmp_path / "x.png", *FAST)
-    assert code == 2 and "out of memory" in err and "--view-batch" in err and "Traceback" not in err
+    assert code == 2 and "out of memory even with one view" in err and "--view-batch 1" in err
+    assert "kept nothing" in err and "Traceback" not in err
 
 
 def test_module_entry_point_exit_status(tmp_path):
@@ -143,3 +144,113 @@ def test_module_entry_point_exit_status(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "no such file or folder" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_each_scale_saves_its_latents_and_resume_continues_the_same_run(three_scales, tiny_file, tmp_path, capsys):
+    from minifusion.files import load_latents
+
+    _, out = three_scales
+    saved = load_latents(out.with_name("fox.x2.latent.safetensors"))
+    assert saved.scale == 2 and saved.latents.shape == (1, 4, 64, 42) and saved.settings["seed"] == 7
+    resumed = tmp_path / "resumed.png"
+    code, err = run(capsys, "--resume", out.with_name("fox.x2.latent.safetensors"), "--weights", tiny_file,
+                    "--out", resumed, "--device", "cpu", "--dtype", "float32")
+    assert code == 0, err
+    # only scale 3 is computed, and it is the uninterrupted run's scale 3, number for number
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resumed.latent.safetensors", "resumed.png"]
+    assert torch.equal(load_latents(tmp_path / "resumed.latent.safetensors").latents,
+                       load_latents(out.with_name("fox.latent.safetensors")).latents)
+    assert list(Image.open(resumed).getdata()) == list(Image.open(out).getdata())
+
+
+def test_resume_to_a_larger_size(tiny_file, tmp_path, capsys):
+    preview = tmp_path / "preview.png"
+    assert run(capsys, "a cat", "--weights", tiny_file, "--out", preview, "--height", "512", "--width", "512", *FAST)[0] == 0
+    final = tmp_path / "final.png"
+    code, err = run(capsys, "--resume", tmp_path / "preview.latent.safetensors", "--weights", tiny_file,
+                    "--out", final, "--height", "768", "--width", "768", "--device", "cpu", "--dtype", "float32")
+    assert code == 0, err
+    assert Image.open(final).size == (768, 768) and settings_of(final)["scale"] == 3
+    code, err = run(capsys, "--resume", tmp_path / "preview.latent.safetensors", "--weights", tiny_file,
+                    "--out", tmp_path / "again.png", "--height", "512", "--width", "512", *FAST)
+    assert code == 2 and "already reached scale 2" in err
+    code, err = run(capsys, "--resume", tmp_path / "preview.latent.safetensors", "--weights", tiny_file,
+                    "--out", tmp_path / "wide.png", "--height", "768", "--width", "1024", *FAST)
+    assert code == 2 and "keep the aspect ratio" in err and err.count("\n") == 1
+
+
+def test_resume_from_a_damaged_file(tiny_file, tmp_path, capsys):
+    bad = tmp_path / "x.latent.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    code, err = run(capsys, "--resume", bad, "--weights", tiny_file, "--out", tmp_path / "y.png")
+    assert code == 2 and str(bad) in err and "not a minifusion latents file" in err
+
+
+def test_out_of_memory_halves_the_view_batch_and_keeps_going(tiny_file, tmp_path, capsys, monkeypatch):
+    """Fault injection: a UNet that raises torch.OutOfMemoryError on batches of more than 4 rows (2 views)."""
+    real_load = cli.load
+    seen = []
+
+    def load_with_small_memory(*a, **k):
+        pipe = real_load(*a, **k)
+        forward = pipe.unet.forward
+
+        def limited(latents, *rest):
+            seen.append(latents.shape[0])
+            if latents.shape[0] > 4:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            return forward(latents, *rest)
+
+        pipe.unet.forward = limited
+        return pipe
+
+    monkeypatch.setattr(cli, "load", load_with_small_memory)
+    out = tmp_path / "small.png"
+    code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", out, "--height", "512", "--view-batch", "8", *FAST)
+    assert code == 0, err
+    assert err.count("out of memory: continuing with") == 2  # 8 -> 4 -> 2 views, told once per halving
+    assert max(seen) == 16 and seen[-1] <= 4
+    reference = tmp_path / "reference.png"
+    assert run(capsys, "a cat", "--weights", tiny_file, "--out", reference, "--height", "512", "--view-batch", "2", *FAST)[0] == 0
+    assert torch.equal(load_latents_of(out), load_latents_of(reference))
+
+
+def load_latents_of(png):
+    from minifusion.files import latent_path, load_latents
+    return load_latents(latent_path(png)).latents
+
+
+def test_non_finite_latents_are_an_error_not_a_black_image(tiny_file, tmp_path, capsys, monkeypatch):
+    real_load = cli.load
+
+    def load_nan(*a, **k):
+        pipe = real_load(*a, **k)
+        pipe.unet.forward = lambda latents, *rest: torch.full_like(latents, float("nan"))
+        return pipe
+
+    monkeypatch.setattr(cli, "load", load_nan)
+    code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", tmp_path / "nan.png", *FAST)
+    assert code == 1 and "NaN or inf" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_full_disk_leaves_no_partial_file(tiny_file, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from minifusion import files
+
+    def full(f):
+        f.write(b"\x89PNG partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real = files.atomic_write
+    monkeypatch.setattr(cli, "atomic_write", lambda path, write: real(path, full))
+    code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", tmp_path / "full.png", *FAST)
+    assert code == 2 and "No space left on device" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_long_prompt_warns_once(tiny_file, tmp_path, capsys):
+    code, err = run(capsys, "red " * 80 + "zebra", "--weights", tiny_file, "--out", tmp_path / "long.png", *FAST)
+    assert code == 0
+    assert err.count("longer than CLIP's 77 tokens") == 1 and 'ignored: "red red red red red zebra"' in err

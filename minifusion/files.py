@@ -1,0 +1,91 @@
+"""Output files: atomic writes, and the latents of a finished scale saved so a run can continue from it.
+
+A `.latent.safetensors` file holds the scale's final latents, phase 1's mean and std (every later scale is
+renormalised to them) and the random generator's state after that scale, so `--resume` continues the very
+random stream the uninterrupted run would have used.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
+
+METADATA_KEY = "minifusion"
+
+
+class LatentFileError(ValueError):
+    """A latents file that cannot be resumed from; the message names the file."""
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write through a temporary file in the same folder, renamed over `path` only once complete, so a
+    crash, Ctrl-C or full disk never leaves a half-written file under the final name."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; the result should get the user's usual mode
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def latent_path(image_path: Path) -> Path:
+    """img.x2.png -> img.x2.latent.safetensors"""
+    return image_path.with_name(image_path.stem + ".latent.safetensors")
+
+
+@dataclass
+class SavedScale:
+    scale: int
+    latents: torch.Tensor  # (1, 4, h, w), float32, in the scheduler's final (clean) space
+    anchor_mean: float
+    anchor_std: float
+    generator_state: torch.Tensor | None
+    settings: dict
+
+
+def save_latents(path: Path, saved: SavedScale) -> None:
+    tensors = {"latents": saved.latents.detach().float().cpu().contiguous()}
+    if saved.generator_state is not None:
+        tensors["generator_state"] = saved.generator_state.cpu()
+    meta = {"scale": saved.scale, "anchor_mean": saved.anchor_mean, "anchor_std": saved.anchor_std,
+            "settings": saved.settings}
+    data = save(tensors, metadata={METADATA_KEY: json.dumps(meta)})
+    atomic_write(path, lambda f: f.write(data))
+
+
+def load_latents(path: str | Path) -> SavedScale:
+    path = Path(path)
+    if not path.is_file():
+        raise LatentFileError(f"{path}: no such file")
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})[METADATA_KEY])
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        raise LatentFileError(f"{path}: not a minifusion latents file ({str(e).splitlines()[0] if str(e) else e!r})") from None
+    z = tensors.get("latents")
+    state = tensors.get("generator_state")
+    ok = (z is not None and z.dim() == 4 and z.shape[:2] == (1, 4) and z.is_floating_point()
+          and bool(torch.isfinite(z).all()) and isinstance(meta.get("scale"), int) and meta["scale"] >= 1
+          and all(isinstance(meta.get(k), (int, float)) and math.isfinite(meta[k]) for k in ("anchor_mean", "anchor_std"))
+          and isinstance(meta.get("settings"), dict)
+          and (state is None or (state.dtype == torch.uint8 and state.dim() == 1)))
+    if not ok:
+        raise LatentFileError(f"{path}: its contents are not those of a minifusion latents file (damaged?)")
+    return SavedScale(meta["scale"], z.float(), float(meta["anchor_mean"]), float(meta["anchor_std"]), state,
+                      meta["settings"])
