@@ -1,23 +1,30 @@
 """Load SDXL weights from safetensors: the single-file layout or the diffusers folder layout.
 
-Loading is strict. Every tensor of every component is checked (present, expected shape after its op) from the
-safetensors headers before a byte of weights is read, and everything that does not fit is reported in one
-error. Modules are built on the meta device and filled with `assign=True`, one tensor at a time, so loading
-never holds the model twice.
+Loading is strict. Every tensor of every component is checked (present, expected shape after its op, floating
+point) from the safetensors headers before a byte of weights is read, and everything that does not fit is
+reported in one error. Modules are built on the meta device and filled with `assign=True`, one tensor at a
+time, so loading never holds the model twice.
+
+Files are untrusted: whatever is wrong with one, loading raises CheckpointError naming the file and what to do.
+Pickle formats are never opened. safetensors_check validates each header in full before a tensor is read.
+Architecture counts inferred from keys or config.json are bounded (COUNT_LIMITS), so a forged layer index
+cannot make building the meta model run for hours. Symlinks are followed (the Hugging Face cache is made of
+them, and the user chose the path); the shard names inside an index.json are not the user's choice, so they
+must be plain file names in the index's own folder.
 """
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .config import SDXL_VAE, TextConfig, UNetConfig, VAEConfig
 from .keyops import apply_op
 from .models import clip, unet, vae
+from .safetensors_check import DTYPES, CheckpointError, SafetensorsFile, show
 
 COMPONENTS = ("unet", "vae", "text_encoder_1", "text_encoder_2")
 
@@ -46,11 +53,9 @@ DIFFUSERS_FOLDER = {
 DIFFUSERS_OPTIONAL = ("text_model.embeddings.position_ids", "embeddings.position_ids")
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+NEED = "minifusion needs SDXL base 1.0 or a fine-tune of it as a .safetensors file"
 SHOWN = 5  # how many offending keys an error lists per kind
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be loaded; the message names the file and what to do."""
+JSON_LIMIT = 50_000_000  # config.json / index.json; SDXL's largest, the UNet index, is about 100 kB
 
 
 @dataclass(frozen=True)
@@ -62,37 +67,41 @@ class Configs:
 
 
 class TensorSource:
-    """The tensors of one or more safetensors files, read lazily (headers first, data on demand)."""
+    """The tensors of one or more safetensors files: headers validated on opening, data read on demand."""
 
     def __init__(self, files: list[Path]):
         self.files = files
         self.where: dict[str, Path] = {}
-        self.handles = {}
+        self.handles: dict[Path, SafetensorsFile] = {}
         self.metadata: dict[str, str] = {}
-        for f in files:
-            try:
-                h = safe_open(str(f), framework="pt")
-            except (SafetensorError, OSError, ValueError) as e:
-                raise CheckpointError(f"{f}: not a readable safetensors file ({_first_line(e)}); "
-                                      "the download may be truncated or corrupt, download it again") from None
-            self.handles[f] = h
-            self.metadata.update(h.metadata() or {})
-            for k in h.keys():
-                self.where[k] = f
+        try:
+            for f in files:
+                h = self.handles[f] = SafetensorsFile(f)
+                self.metadata.update(h.metadata)
+                for k in h.entries:
+                    if k in self.where:
+                        raise CheckpointError(f"{f}: tensor {show(k)} is also in {self.where[k]}; the shards "
+                                              "disagree, download the folder again")
+                    self.where[k] = f
+        except BaseException:
+            self.close()
+            raise
 
     def keys(self):
         return self.where.keys()
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.handles[self.where[key]].get_slice(key).get_shape())
+        return self.handles[self.where[key]].entries[key].shape
+
+    def dtype(self, key: str) -> str:
+        return self.handles[self.where[key]].entries[key].dtype
 
     def get(self, key: str) -> torch.Tensor:
-        f = self.where[key]
-        try:
-            return self.handles[f].get_tensor(key)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{f}: tensor {key} cannot be read ({_first_line(e)}); "
-                                  "the file is corrupt, download it again") from None
+        return self.handles[self.where[key]].read(key)
+
+    def close(self) -> None:
+        for h in self.handles.values():
+            h.close()
 
 
 def _first_line(e: Exception) -> str:
@@ -106,26 +115,56 @@ def _op_shape(shape: tuple[int, ...], op: str) -> tuple[int, ...]:
 # ---------------------------------------------------------------------------------------------------------
 # Which family a set of keys belongs to, so a wrong file gets a name rather than a list of 2000 missing keys.
 
+# Key names as the releases carry them: v1-5-pruned (SD 1.x), v2-1_768-ema-pruned (SD 2.x), sd_xl_refiner_1.0,
+# sd3_medium, flux1-dev (bare, and ComfyUI's model.diffusion_model. repack), diffusers transformers, and LoRAs
+# in the kohya-ss, LyCORIS, diffusers and PEFT namings; diffusers' CHECKPOINT_KEY_NAMES uses the same markers.
+# Order matters: a LoRA names the layers of the model it patches, so it is tested first; Flux before SD3, since
+# an all-in-one Flux file also carries the T5 encoder SD3 uses.
 FAMILIES = [
-    (r"(lora_unet_|lora_te|\.lora_down\.|\.lora_up\.|\.lora_A\.|\.lora_B\.)", "a LoRA (load it into a base model, not alone)"),
-    (r"^(model\.diffusion_model\.)?joint_blocks\.", "a Stable Diffusion 3 checkpoint"),
-    (r"^(model\.diffusion_model\.)?double_blocks\.", "a Flux checkpoint"),
-    (r"^cond_stage_model\.transformer\.", "a Stable Diffusion 1.x checkpoint"),
-    (r"^cond_stage_model\.model\.", "a Stable Diffusion 2.x checkpoint"),
+    ("a LoRA / LyCORIS adapter (an add-on that patches a base model, not a model itself)",
+     r"^(lora_(unet|te\d?|transformer)_|lycoris_)|\.(lora_(down|up|A|B)|lora\.(down|up)|lora_magnitude_vector)\."
+     r"|_lora\.(down|up)\.|\.(hada_w[12]_[ab]|lokr_w[12](_[ab])?)$"),
+    ("a Flux checkpoint",
+     r"^(model\.diffusion_model\.)?(double|single)_blocks\.\d|^(transformer\.)?single_transformer_blocks\.\d"),
+    ("a Stable Diffusion 3 checkpoint", r"^(model\.diffusion_model\.)?joint_blocks\.\d"),
+    ("a Stable Diffusion 3 transformer (diffusers layout)",
+     r"^(transformer\.)?transformer_blocks\.\d+\.attn\.add_q_proj\."),
+    ("a Stable Diffusion 1.x checkpoint", r"^cond_stage_model\.transformer\."),
+    ("a Stable Diffusion 2.x checkpoint", r"^cond_stage_model\.model\."),
+    # the refiner conditions on bigG alone, which it keeps in the first embedder slot (the base has CLIP-L there)
+    ("an SDXL refiner checkpoint (minifusion needs the SDXL base model)", r"^conditioner\.embedders\.0\.model\."),
+    ("Playground v2.5 (SDXL's architecture trained for the EDM noise schedule, which minifusion does not run)",
+     r"^edm_(mean|std)$"),
+]
+# Files that hold one component only: every key matches.
+PARTS = [
+    ("a VAE on its own (minifusion needs the full checkpoint: UNet, VAE and both text encoders)",
+     r"^(first_stage_model\.|vae\.)?(encoder|decoder|quant_conv|post_quant_conv)\."),
+    ("a UNet on its own (minifusion needs the full checkpoint: UNet, VAE and both text encoders)",
+     r"^model\.diffusion_model\."),
+    ("the UNet file of a diffusers-layout folder; pass the folder (the one holding model_index.json) instead",
+     r"^(conv_in|conv_out|conv_norm_out|time_embedding|add_embedding|down_blocks|up_blocks|mid_block)\."),
+    ("a CLIP text encoder on its own (minifusion needs the full checkpoint)",
+     r"^(text_model\.|text_projection|logit_scale$|transformer\.resblocks\.|token_embedding\.|positional_embedding$"
+     r"|ln_final\.)"),
+    ("a textual-inversion embedding (an add-on to a prompt, not a model)",
+     r"^(clip_[lg]|emb_params|string_to_param\..+|string_to_token\..+)$"),
 ]
 
 
 def identify_family(keys) -> str | None:
     """A human name for a non-SDXL checkpoint recognised from its keys, or None."""
     keys = list(keys)
-    for pattern, name in FAMILIES:
+    if not keys:
+        return "an empty safetensors file (it holds no tensors)"
+    for name, pattern in FAMILIES:
         rx = re.compile(pattern)
         if any(rx.search(k) for k in keys):
             return name
-    # the refiner conditions on bigG alone, which it keeps in the first embedder slot
-    if any(k.startswith("conditioner.embedders.0.model.") for k in keys) and \
-            not any(k.startswith(SINGLE_FILE_PREFIX["text_encoder_1"]) for k in keys):
-        return "an SDXL refiner checkpoint (minifusion needs the SDXL base model)"
+    for name, pattern in PARTS:
+        rx = re.compile(pattern)
+        if all(rx.search(k) for k in keys):
+            return name
     return None
 
 
@@ -137,7 +176,10 @@ def identify_family(keys) -> str | None:
 def _count(keys, pattern: str) -> int:
     rx = re.compile(pattern)
     found = {m.group(1) for k in keys if (m := rx.match(k))}
-    return max((int(i) for i in found), default=-1) + 1
+    n = max((int(i) for i in found), default=-1) + 1
+    if n > max(COUNT_LIMITS.values()):
+        raise ValueError(f"a block index of {n - 1}")
+    return n
 
 
 def infer_configs(src: TensorSource, path: Path) -> Configs:
@@ -176,9 +218,13 @@ def infer_configs(src: TensorSource, path: Path) -> Configs:
             ch_mult=tuple(src.shape(f"{v}encoder.down.{i}.block.0.conv1.weight")[0] // vch[0] for i in range(vlevels)),
             num_res_blocks=_count(keys, re.escape(v) + r"encoder\.down\.0\.block\.(\d+)\."),
             scaling_factor=SDXL_VAE.scaling_factor)
-    except (KeyError, StopIteration, ZeroDivisionError, IndexError, TypeError) as e:
-        raise CheckpointError(f"{path}: not an SDXL checkpoint (cannot find {e}); minifusion needs SDXL base 1.0 "
-                              "or a fine-tune of it as a .safetensors file") from None
+    except KeyError as e:
+        raise CheckpointError(f"{path}: not an SDXL checkpoint (no tensor {show(e.args[0])}); {NEED}") from None
+    except StopIteration:
+        raise CheckpointError(f"{path}: not an SDXL checkpoint (no cross-attention in its UNet); {NEED}") from None
+    except (ZeroDivisionError, IndexError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not an SDXL checkpoint (its tensor shapes do not describe an SDXL network: "
+                              f"{str(e)[:100] or type(e).__name__}); {NEED}") from None
     return Configs(unet_cfg, vae_cfg, te1, te2)
 
 
@@ -191,10 +237,11 @@ def _text_config(src, keys, prefix, tok, pos, layer_rx, fc1, projection, act) ->
 
 
 def _resolution(metadata: dict[str, str]) -> tuple[int, int]:
-    """The native resolution, from the Stability model-spec header key; SDXL's 1024 when absent."""
+    """The native resolution, from the Stability model-spec header key; SDXL's 1024 when absent or implausible."""
     value = metadata.get("modelspec.resolution", "")
-    m = re.fullmatch(r"\s*(\d+)\s*[x×]\s*(\d+)\s*", value)
-    return (int(m.group(1)), int(m.group(2))) if m else (1024, 1024)
+    m = re.fullmatch(r"\s*(\d{1,5})\s*[x×]\s*(\d{1,5})\s*", value)
+    size = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    return size if all(64 <= v <= 16384 and v % 8 == 0 for v in size) else (1024, 1024)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -238,9 +285,44 @@ def meta_models(cfgs: Configs) -> dict[str, torch.nn.Module]:
 
 def _resolve_single(path: Path) -> Path:
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise CheckpointError(f"{path}: pickle checkpoints are not loaded (they can run code); convert it to "
-                              ".safetensors first, or download the .safetensors release")
+        # converting unpickles, so only a file from a source the user trusts, and with torch's restricted
+        # unpickler (weights_only=True refuses anything but tensors and plain containers)
+        out = path.with_suffix(".safetensors")
+        raise CheckpointError(f"{path}: pickle checkpoints are not loaded (unpickling can run code); download the "
+                              ".safetensors release, or, if you trust the file's source, convert it to .safetensors: "
+                              f"python -c \"import torch, safetensors.torch as st; sd = torch.load({str(path)!r}, "
+                              f"weights_only=True); st.save_file(sd.get('state_dict', sd), {str(out)!r})\"")
     return path
+
+
+def _read_json(f: Path) -> dict:
+    """A small JSON object from a config or index file, or CheckpointError (never a hang on a forged size)."""
+    try:
+        size = f.stat().st_size
+        if size > JSON_LIMIT:
+            raise CheckpointError(f"{f}: {size} bytes, far too large for a config file; download it again")
+        data = json.loads(f.read_bytes())
+    except OSError as e:
+        raise CheckpointError(f"{f}: cannot be read ({e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{f}: not valid JSON ({_first_line(e)[:80]}); download it again") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{f}: not a JSON object; download it again")
+    return data
+
+
+def _shard_names(index: Path) -> list[str]:
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or \
+            not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: not a valid safetensors index (its weight_map is not tensor -> shard file)")
+    shards = sorted(set(weight_map.values()))
+    for s in shards:
+        # a shard is a file beside its index: anything else ("../../x", "/etc/x", "a/b") is refused unopened
+        if Path(s).name != s or s in (".", "..") or "\\" in s or not s.endswith(".safetensors"):
+            raise CheckpointError(f"{index}: shard name {show(s)} is not a .safetensors file name in the index's "
+                                  "own folder; the index is corrupt or hostile, download the folder again")
+    return shards
 
 
 def _diffusers_files(folder: Path, sub: str, stem: str) -> list[Path]:
@@ -248,10 +330,7 @@ def _diffusers_files(folder: Path, sub: str, stem: str) -> list[Path]:
     for variant in ("", ".fp16"):
         index = d / f"{stem}{variant}.safetensors.index.json"
         if index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError, AttributeError):
-                raise CheckpointError(f"{index}: not a valid safetensors index (no weight_map)") from None
+            shards = _shard_names(index)
             missing = [s for s in shards if not (d / s).is_file()]
             if missing:
                 raise CheckpointError(f"{index}: shard {missing[0]} is missing; download the whole {sub}/ folder")
@@ -261,20 +340,29 @@ def _diffusers_files(folder: Path, sub: str, stem: str) -> list[Path]:
             return [single]
     pickled = [p.name for p in d.glob(f"{stem}*") if p.suffix in PICKLE_SUFFIXES] if d.is_dir() else []
     if pickled:
-        raise CheckpointError(f"{d}: only pickle weights ({pickled[0]}) found, which are not loaded (they can run "
-                              "code); download the .safetensors variant of this folder")
+        raise CheckpointError(f"{d}: only pickle weights ({pickled[0]}) found, which are not loaded (unpickling can "
+                              "run code); download the .safetensors variant of this folder")
     raise CheckpointError(f"{d}: no {stem}.safetensors (or .fp16 / sharded variant); download the {sub}/ folder")
 
 
 def find_checkpoint(path: Path) -> tuple[str, Path]:
     """('single', file) or ('diffusers', folder)."""
+    try:
+        return _find(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def _find(path: Path) -> tuple[str, Path]:
     if path.is_file():
         return "single", _resolve_single(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: neither a file nor a folder (a device, pipe or socket)")
     if (path / "unet").is_dir() or (path / "model_index.json").is_file():
         return "diffusers", path
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(f for f in path.glob("*.safetensors") if f.is_file())
     if len(files) == 1:
         return "single", files[0]
     if len(files) > 1:
@@ -290,31 +378,42 @@ def find_checkpoint(path: Path) -> tuple[str, Path]:
 # ---------------------------------------------------------------------------------------------------------
 # Checking and loading.
 
+FLOATS = {name for name, dt in DTYPES.items() if dt.is_floating_point}
+
+
 def check(table: dict[str, tuple[str, str]], expected: dict[str, torch.Size], src: TensorSource,
-          source_keys, optional) -> tuple[list[str], list[str], list[str]]:
-    """(missing, unexpected, misshapen) for one component."""
-    missing, misshapen = [], []
+          source_keys, optional) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(missing, unexpected, misshapen, not floating point) for one component."""
+    missing, misshapen, integer = [], [], []
     for ours, (key, op) in table.items():
         if key not in src.where:
             missing.append(key)
             continue
         try:
             got = _op_shape(src.shape(key), op)
-        except RuntimeError:
+        except (RuntimeError, IndexError):
             got = src.shape(key)
         if got != tuple(expected[ours]):
-            misshapen.append(f"{key} {list(src.shape(key))} (model wants {list(expected[ours])})")
+            misshapen.append(f"{key} {show(list(src.shape(key)), 60)} (model wants {list(expected[ours])})")
+        elif src.dtype(key) not in FLOATS:
+            integer.append(f"{key} {src.dtype(key)}")
     used = {key for key, _ in table.values()}
     unexpected = [k for k in source_keys if k not in used and k not in optional]
-    return missing, unexpected, misshapen
+    return missing, unexpected, misshapen, integer
 
 
-def _report(where: Path, missing, unexpected, misshapen) -> str:
+def _plain(s: str) -> str:
+    """A key as is, unless it would break the one-line message (file keys are attacker-controlled)."""
+    return s if s.isprintable() and len(s) <= 200 else show(s, 200)
+
+
+def _report(where: Path, missing, unexpected, misshapen, integer) -> str:
     parts = []
-    for name, items in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
+    for name, items in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen),
+                        ("not floating point", integer)):
         if items:
             more = f", ... ({len(items) - SHOWN} more)" if len(items) > SHOWN else ""
-            parts.append(f"{len(items)} {name}: " + ", ".join(items[:SHOWN]) + more)
+            parts.append(f"{len(items)} {name}: " + ", ".join(_plain(k) for k in items[:SHOWN]) + more)
     return f"{where}: does not match the SDXL architecture; " + "; ".join(parts)
 
 
@@ -322,7 +421,7 @@ def _materialise(model, table, src: TensorSource, device, dtype) -> torch.nn.Mod
     state = {}
     for ours, (key, op) in table.items():
         t = apply_op(src.get(key), op)
-        state[ours] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype).contiguous()
+        state[ours] = t.to(device=device, dtype=dtype).contiguous()
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
@@ -330,51 +429,94 @@ def _materialise(model, table, src: TensorSource, device, dtype) -> torch.nn.Mod
 def _open(path: Path) -> tuple[str, Path, TensorSource | None, Configs]:
     layout, where = find_checkpoint(path)
     if layout == "diffusers":
+        family = _folder_family(where)
+        if family:
+            raise CheckpointError(f"{where}: this is {family}; minifusion needs SDXL base 1.0 or a fine-tune of it")
         return layout, where, None, _diffusers_configs(where)
     src = TensorSource([where])
-    family = identify_family(src.keys())
-    if family:
-        raise CheckpointError(f"{where}: this is {family}; minifusion needs SDXL base 1.0 or a fine-tune of it")
-    cfgs = infer_configs(src, where)
-    _check_consistent(cfgs, where)
+    try:
+        family = identify_family(src.keys())
+        if family:
+            raise CheckpointError(f"{where}: this is {family}; minifusion needs SDXL base 1.0 or a fine-tune of it")
+        cfgs = infer_configs(src, where)
+        _check_plausible(cfgs, where)
+        _check_consistent(cfgs, where)
+    except BaseException:
+        src.close()
+        raise
     return layout, where, src, cfgs
 
 
 def inspect_checkpoint(path: str | Path) -> Configs:
     """The architecture of a checkpoint, from headers and config files only (no weights are read)."""
-    return _open(Path(path))[3]
+    _, _, src, cfgs = _open(Path(path))
+    if src is not None:
+        src.close()
+    return cfgs
 
 
 def load_components(path: str | Path, device: torch.device, dtypes: dict[str, torch.dtype]):
     """Load the four SDXL networks. Returns ({component: module}, Configs, metadata)."""
     layout, where, src, cfgs = _open(Path(path))
-    models = meta_models(cfgs)
-    if layout == "single":
-        tables = single_file_tables(cfgs, models)
-        sources = {c: src for c in COMPONENTS}
-        missing, unexpected, misshapen = [], [], []
-        for c in COMPONENTS:
-            keys = [k for k in src.keys() if k.startswith(SINGLE_FILE_PREFIX[c])]
-            m, u, s = check(tables[c], _shapes(models[c]), src, keys, SINGLE_FILE_OPTIONAL)
-            missing, unexpected, misshapen = missing + m, unexpected + u, misshapen + s
-        unexpected += [k for k in src.keys() if not k.startswith(tuple(SINGLE_FILE_PREFIX.values()))]
-        if missing or unexpected or misshapen:
-            raise CheckpointError(_report(where, missing, unexpected, misshapen))
-    else:
-        sources = {c: TensorSource(_diffusers_files(where, *DIFFUSERS_FOLDER[c])) for c in COMPONENTS}
-        tables = diffusers_tables(cfgs, (_text_prefix(sources["text_encoder_1"]), _text_prefix(sources["text_encoder_2"])))
-        for c in COMPONENTS:
-            sub = DIFFUSERS_FOLDER[c][0]
-            missing, unexpected, misshapen = check(tables[c], _shapes(models[c]), sources[c], sources[c].keys(),
-                                                   DIFFUSERS_OPTIONAL)
-            if missing or unexpected or misshapen:
-                raise CheckpointError(_report(where / sub, missing, unexpected, misshapen))
-    models = {c: _materialise(models[c], tables[c], sources[c], device, dtypes[c]) for c in COMPONENTS}
-    return models, cfgs, sources["unet"].metadata
+    sources: dict[str, TensorSource] = {}
+    try:
+        try:
+            models = meta_models(cfgs)
+        except (ValueError, TypeError, ZeroDivisionError, RuntimeError) as e:
+            # bounded but odd numbers (say 30 channels in 32 norm groups) that no SDXL network has
+            raise CheckpointError(f"{where}: the architecture it describes cannot be built ({_first_line(e)[:100]}); "
+                                  f"{NEED}") from None
+        if layout == "single":
+            tables = single_file_tables(cfgs, models)
+            sources = {c: src for c in COMPONENTS}
+            problems = [[], [], [], []]
+            for c in COMPONENTS:
+                keys = [k for k in src.keys() if k.startswith(SINGLE_FILE_PREFIX[c])]
+                for acc, found in zip(problems, check(tables[c], _shapes(models[c]), src, keys, SINGLE_FILE_OPTIONAL)):
+                    acc += found
+            problems[1] += [k for k in src.keys() if not k.startswith(tuple(SINGLE_FILE_PREFIX.values()))]
+            if any(problems):
+                raise CheckpointError(_report(where, *problems))
+        else:
+            for c in COMPONENTS:
+                sources[c] = TensorSource(_diffusers_files(where, *DIFFUSERS_FOLDER[c]))
+            tables = diffusers_tables(cfgs, (_text_prefix(sources["text_encoder_1"]),
+                                             _text_prefix(sources["text_encoder_2"])))
+            for c in COMPONENTS:
+                problems = check(tables[c], _shapes(models[c]), sources[c], sources[c].keys(), DIFFUSERS_OPTIONAL)
+                if any(problems):
+                    raise CheckpointError(_report(where / DIFFUSERS_FOLDER[c][0], *problems))
+        models = {c: _materialise(models[c], tables[c], sources[c], device, dtypes[c]) for c in COMPONENTS}
+        return models, cfgs, sources["unet"].metadata
+    finally:
+        for s in (src, *sources.values()):
+            if s is not None:
+                s.close()
 
 
 def _shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def _folder_family(folder: Path) -> str | None:
+    """A human name for a non-SDXL-base diffusers folder, from its model_index.json, or None."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return None
+    info = _read_json(index)
+    cls = info.get("_class_name")
+    if not isinstance(cls, str):
+        return None
+    if cls.startswith("StableDiffusionXL"):
+        # the refiner's index marks it so, and has no CLIP-L text encoder
+        if info.get("requires_aesthetics_score") is True or info.get("text_encoder") == [None, None]:
+            return "an SDXL refiner folder (minifusion needs the SDXL base model)"
+        return None
+    for prefix, name in (("StableDiffusion3", "Stable Diffusion 3"), ("Flux", "Flux"),
+                         ("StableDiffusion", "Stable Diffusion 1.x / 2.x")):
+        if cls.startswith(prefix):
+            return f"a {name} folder ({show(cls)})"
+    return f"a {show(cls)} folder"
 
 
 def _diffusers_configs(folder: Path) -> Configs:
@@ -382,20 +524,58 @@ def _diffusers_configs(folder: Path) -> Configs:
         f = folder / sub / "config.json"
         if not f.is_file():
             raise CheckpointError(f"{f}: missing; a diffusers-layout folder needs config.json in {sub}/")
+        config = _read_json(f)
         try:
-            return cls.from_diffusers_config(json.loads(f.read_text()))
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{f}: not an SDXL {sub} config ({_first_line(e)})") from None
+            return cls.from_diffusers_config(config)
+        except (ValueError, KeyError, TypeError, ZeroDivisionError, IndexError, AttributeError) as e:
+            raise CheckpointError(f"{f}: not an SDXL {sub} config ({_first_line(e)[:100]})") from None
     cfgs = Configs(read("unet", UNetConfig), read("vae", VAEConfig), read("text_encoder", TextConfig),
                    read("text_encoder_2", TextConfig))
+    _check_plausible(cfgs, folder)
     _check_consistent(cfgs, folder)
     return cfgs
 
 
+# Bounds on every count of a config (SDXL's values in brackets), so that a forged layer index or config.json
+# cannot make building the meta model run for hours: about 10^4 transformer blocks at worst, seconds to build.
+LEVEL_LIMIT = 8  # UNet / VAE resolution levels [3 / 4]: the length of every per-level tuple
+COUNT_LIMITS = {"num_res_blocks": 8, "transformer_depth": 64, "transformer_depth_middle": 64,  # [2, 10, 10]
+                "layers": 128}  # [12 / 32]
+ZERO_OK = ("transformer_depth", "transformer_depth_middle")  # a level without attention
+WIDTH_LIMIT = 1 << 20  # any width or size; SDXL's largest is the 49408-token vocabulary
+
+
+def _check_plausible(cfgs: Configs, where: Path) -> None:
+    """Every number of every config is of its type, positive where it must be, and bounded."""
+    for comp in COMPONENTS:
+        cfg = getattr(cfgs, comp)
+        for f in fields(cfg):
+            value = getattr(cfg, f.name)
+            if f.name == "act" or value is None:
+                continue  # the text encoder refuses an activation it does not know
+            if f.type in ("float", float):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < WIDTH_LIMIT
+            else:
+                items = value if isinstance(value, tuple) else (value,)
+                low = 0 if f.name in ZERO_OK else 1
+                high = COUNT_LIMITS.get(f.name, WIDTH_LIMIT)
+                ok = 1 <= len(items) <= LEVEL_LIMIT and \
+                    all(isinstance(x, int) and not isinstance(x, bool) and low <= x <= high for x in items)
+            if not ok:
+                raise CheckpointError(f"{where}: {comp} {f.name} = {show(value, 60)} is not a plausible SDXL value; "
+                                      f"{NEED}")
+
+
 def _check_consistent(cfgs: Configs, where: Path) -> None:
-    """The UNet reads both encoders: its context is their widths side by side, its pooled input encoder 2's."""
+    """The UNet reads both encoders (its context is their widths side by side, its pooled input encoder 2's)
+    and works on the VAE's latents."""
     width = cfgs.text_encoder_1.width + cfgs.text_encoder_2.width
     if cfgs.unet.context_dim != width or cfgs.unet.pooled_dim != cfgs.text_encoder_2.projection_dim:
         raise CheckpointError(f"{where}: the UNet expects context {cfgs.unet.context_dim} / pooled "
                               f"{cfgs.unet.pooled_dim} but the text encoders give {width} / "
                               f"{cfgs.text_encoder_2.projection_dim}; the components are from different models")
+    latent = cfgs.vae.latent_channels
+    if cfgs.unet.in_channels != latent or cfgs.unet.out_channels != latent:
+        raise CheckpointError(f"{where}: the UNet takes {cfgs.unet.in_channels} channels and makes "
+                              f"{cfgs.unet.out_channels}, the VAE's latents have {latent}: an inpainting or "
+                              "instruct-pix2pix model, not a text-to-image one; " + NEED)
