@@ -15,6 +15,7 @@ statistics the next GroupNorm needs. No output pixel is computed twice, so the w
 plus the halos' elementwise ops; the price is one round trip of each feature map to the storage device.
 The mid attention runs its queries tile by tile against the keys and values of the whole latent map, which
 stay on the compute device (2 x C x h x w: for SDXL 1/16 of one full-resolution feature map).
+`minifusion.encode` runs the encoder on the same stage runner, its stride-2 downsampling convs included.
 
 FLOPs: `decode_flops(cfg, shape, tile)` counts either decode on the meta device with
 torch.utils.flop_counter.FlopCounterMode (convolutions, matmuls and attention kernels; no weights needed).
@@ -55,8 +56,9 @@ class _Stages:
         self.tile, self.storage, self.dry, self.step = tile, storage, dry, step
         self.count = 0
 
-    def _tiles(self, H: int, W: int) -> list[tuple[int, int, int, int]]:
-        return [(y0, y1, x0, x1) for y0, y1 in _spans(H, self.tile) for x0, x1 in _spans(W, self.tile)]
+    def _tiles(self, H: int, W: int, tile: int | None = None) -> list[tuple[int, int, int, int]]:
+        tile = tile or self.tile
+        return [(y0, y1, x0, x1) for y0, y1 in _spans(H, tile) for x0, x1 in _spans(W, tile)]
 
     def _empty(self, B: int, C: int, H: int, W: int) -> torch.Tensor:
         return torch.empty(B, C, H, W, device="meta" if self.dry else self.storage, dtype=self.dtype)
@@ -77,29 +79,39 @@ class _Stages:
         y = y.float().unflatten(1, (self.groups, -1))
         return torch.stack([y.sum((2, 3, 4), dtype=torch.float64), (y * y).sum((2, 3, 4), dtype=torch.float64)], dim=-1)
 
-    def conv(self, x: _Map, conv: nn.Conv2d, norm: nn.GroupNorm | None = None, pointwise: nn.Module | None = None,
-             upsample: bool = False, residual: _Map | None = None, shortcut: nn.Module | None = None,
-             moments: bool = True) -> _Map:
+    def conv(self, x: _Map, conv: nn.Conv2d, norm: nn.GroupNorm | None = None, before: nn.Module | None = None,
+             after: nn.Module | None = None, upsample: bool = False, pad: tuple[int, int] | None = None,
+             residual: _Map | None = None, shortcut: nn.Module | None = None, moments: bool = True) -> _Map:
+        """`after(conv(silu(norm(before(x)))))` [+ `shortcut(residual)`], on the nearest-2x upsampled `x` if
+        `upsample`. `pad`: zeros (before, after) on both axes where the module pads itself (LDM's Downsample:
+        (0, 1)); default the conv's own symmetric padding."""
         B, _, H, W = x.data.shape
-        s = 2 if upsample else 1
-        out = _Map(self._empty(B, conv.out_channels, s * H, s * W), 0 if moments else None)
-        tiles = self._tiles(s * H, s * W)
+        u, st, k = 2 if upsample else 1, conv.stride[0], conv.kernel_size[0]
+        lo, hi = pad if pad is not None else (conv.padding[0],) * 2
+        Hi, Wi = u * H, u * W  # the map the conv reads
+        Ho, Wo = (Hi + lo + hi - k) // st + 1, (Wi + lo + hi - k) // st + 1
+        out = _Map(self._empty(B, conv.out_channels, Ho, Wo), 0 if moments else None)
+        # output tiles of tile/stride: a strided conv's tile then reads an input tile of about the tile size
+        tiles = self._tiles(Ho, Wo, max(1, self.tile // st))
         if self.dry:
             self.count += len(tiles)
             return out
-        r = conv.padding[0]
         for y0, y1, x0, x1 in tiles:
-            # the conv's input rows/cols for this tile that lie inside the map; outside is its zero padding
-            a0, a1, b0, b1 = max(y0 - r, 0), min(y1 + r, s * H), max(x0 - r, 0), min(x1 + r, s * W)
-            t = x.data[:, :, a0 // s:-(-a1 // s), b0 // s:-(-b1 // s)].to(self.device)
-            if pointwise is not None:
-                t = pointwise(t)
+            # output row y reads input rows y*st - lo + [0, k): those inside the map are fetched, the rest
+            # is the conv's zero padding; tiles in output space so a strided conv reads exactly its own inputs
+            r0, r1, c0, c1 = y0 * st - lo, (y1 - 1) * st - lo + k, x0 * st - lo, (x1 - 1) * st - lo + k
+            a0, a1, b0, b1 = max(r0, 0), min(r1, Hi), max(c0, 0), min(c1, Wi)
+            t = x.data[:, :, a0 // u:-(-a1 // u), b0 // u:-(-b1 // u)].to(self.device)
+            if before is not None:
+                t = before(t)
             if norm is not None:
                 t = F.silu(self._norm(t, x, norm))
             if upsample:  # nearest-2x of the source rows a0//2.., then the rows a0..a1 of the 2x map
                 t = F.interpolate(t, scale_factor=2.0, mode="nearest")
                 t = t[:, :, a0 % 2:a0 % 2 + a1 - a0, b0 % 2:b0 % 2 + b1 - b0]
-            y = F.conv2d(F.pad(t, (b0 - x0 + r, x1 + r - b1, a0 - y0 + r, y1 + r - a1)), conv.weight, conv.bias)
+            y = F.conv2d(F.pad(t, (b0 - c0, c1 - b1, a0 - r0, r1 - a1)), conv.weight, conv.bias, stride=st)
+            if after is not None:
+                y = after(y)
             if residual is not None:
                 y = y + shortcut(residual.data[:, :, y0:y1, x0:x1].to(self.device))
             out.data[:, :, y0:y1, x0:x1] = y
@@ -147,7 +159,7 @@ class _Stages:
 def _decoder(run: _Stages, vae: VAE, z: _Map) -> _Map:
     """VAE.decode (post_quant_conv, then Decoder.forward), stage by stage."""
     dec = vae.decoder
-    x = run.conv(z, dec.conv_in, pointwise=vae.post_quant_conv)
+    x = run.conv(z, dec.conv_in, before=vae.post_quant_conv)
     x = run.resblock(x, dec.mid.block_1)
     x = run.attention(x, dec.mid.attn_1)
     x = run.resblock(x, dec.mid.block_2)
@@ -168,11 +180,20 @@ def decode_tiled(vae: VAE, latents: torch.Tensor, tile: int = 256, storage: str 
     `storage`: device of the full-map buffers and of the returned image (None: the VAE's device).
     `progress`: True for a tqdm bar, or a callable(done, total) called after every tile.
     """
+    return _run(_decoder, vae, latents, tile, storage, progress, "VAE decode")
+
+
+def _run(body: Callable[[_Stages, VAE, _Map], _Map], vae: VAE, x: torch.Tensor, tile: int,
+         storage: str | torch.device | None, progress: bool | Callable[[int, int], None] | None,
+         desc: str) -> torch.Tensor:
+    """`body` (the decoder's or the encoder's stages) on `x`, tile by tile, as `decode_tiled` documents."""
+    if not isinstance(tile, int) or isinstance(tile, bool) or tile < 1:
+        raise ValueError(f"tile {tile!r} must be a positive integer (pixels of each stage's feature map)")
     storage = torch.device(storage) if storage is not None else vae.post_quant_conv.weight.device
     plan = _Stages(vae, tile, storage, dry=True)
-    _decoder(plan, vae, _Map(torch.empty(latents.shape, device="meta")))
+    body(plan, vae, _Map(torch.empty(x.shape, device="meta")))
     total, done = plan.count, 0
-    bar = tqdm(total=total, desc="VAE decode", unit="tile") if progress is True else None
+    bar = tqdm(total=total, desc=desc, unit="tile") if progress is True else None
 
     def step():
         nonlocal done
@@ -183,17 +204,23 @@ def decode_tiled(vae: VAE, latents: torch.Tensor, tile: int = 256, storage: str 
             progress(done, total)
 
     run = _Stages(vae, tile, storage, step=step)
-    image = _decoder(run, vae, _Map(latents.to(storage, run.dtype))).data
+    out = body(run, vae, _Map(x.to(storage, run.dtype))).data
     if bar is not None:
         bar.close()
-    return image
+    return out
 
 
 def decode_flops(cfg: VAEConfig, shape: tuple[int, ...], tile: int | None = None) -> int:
     """FLOPs of decoding latents of `shape` (B, C, h, w): untiled (`tile=None`) or `decode_tiled` with that
     tile. Counted on the meta device, so any size of any config costs no memory and no weights."""
+    return meta_flops(cfg, shape, lambda vae, z: decode_tiled(vae, z, tile=tile, storage="meta") if tile
+                      else vae.decode(z))
+
+
+def meta_flops(cfg: VAEConfig, shape: tuple[int, ...], fn: Callable[[VAE, torch.Tensor], object]) -> int:
+    """FLOPs of `fn(vae, x)` for a VAE of `cfg` and an input of `shape`, both on the meta device."""
     with torch.device("meta"):
-        vae, z = VAE(cfg), torch.empty(shape)
+        vae, x = VAE(cfg), torch.empty(shape)
     with FlopCounterMode(display=False) as counter:
-        decode_tiled(vae, z, tile=tile, storage="meta") if tile else vae.decode(z)
+        fn(vae, x)
     return counter.get_total_flops()
