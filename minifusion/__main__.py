@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,7 +22,8 @@ from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, inspect_checkpoint
-from .files import LatentFileError, atomic_write, latent_path, load_latents, save_latents
+from .encode import base_scale_size, open_image
+from .files import LatentFileError, SavedScale, atomic_write, latent_path, load_latents, save_latents
 from .demofusion import is_out_of_memory, scale_sizes
 from .pipeline import DEFAULT_WEIGHTS, NonFiniteError, check_request, default_device, default_dtype, load
 from .schedulers import SCHEDULERS
@@ -33,10 +35,12 @@ SETTINGS = {"prompt": "prompt", "negative": "negative_prompt", "height": "height
             "steps": "num_inference_steps", "guidance": "guidance_scale", "seed": "seed",
             "scheduler": "scheduler", "stride": "stride", "view_batch": "view_batch_size",
             "c1": "cosine_scale_1", "c2": "cosine_scale_2", "c3": "cosine_scale_3", "sigma": "sigma",
-            "tiled_decode": "multi_decoder", "jitter": "jitter"}
+            "tiled_decode": "multi_decoder", "jitter": "jitter", "image": "image"}
 DEFAULTS = {"negative": None, "height": None, "width": None, "steps": 50, "guidance": 7.5, "seed": 0,
             "scheduler": "ddim", "stride": None, "view_batch": 16, "c1": 3.0, "c2": 1.0, "c3": 1.0,
-            "sigma": 0.8, "tiled_decode": True, "jitter": True}
+            "sigma": 0.8, "tiled_decode": True, "jitter": True, "image": None}
+CHECKED = ("height", "width", "num_inference_steps", "guidance_scale", "view_batch_size", "stride", "cosine_scale_1",
+           "cosine_scale_2", "cosine_scale_3", "sigma", "scheduler")  # what check_request validates
 
 
 class UserError(Exception):
@@ -48,6 +52,8 @@ def parse_args(argv):
                                  "text-to-image on SDXL: one image per scale, from the base size up.")
     ap.add_argument("prompt", nargs="?", help="what to draw")
     ap.add_argument("--out", type=Path, default=Path("out.png"), help="final image; scales go to NAME.xS.png")
+    ap.add_argument("--image", type=str, help="upscale this picture: it replaces the base scale (image-to-image); "
+                    "--height/--width then default to 2x the base size keeping its aspect")
     ap.add_argument("--negative", help="negative prompt (default: none, i.e. zero embeddings as SDXL base)")
     ap.add_argument("--height", type=int, help="final height in px, a multiple of 8 (default: 2x the base size)")
     ap.add_argument("--width", type=int, help="final width in px, a multiple of 8 (default: 2x the base size)")
@@ -78,14 +84,16 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
-def resolve_settings(args) -> dict:
-    """Flags given on the command line, over settings from --settings-from, over the defaults."""
+def resolve_settings(args, resume: SavedScale | None = None) -> dict:
+    """Flags given on the command line, over settings from --settings-from or --resume, over the defaults."""
     settings = dict(DEFAULTS)
     if args.settings_from is not None:
         settings.update(read_settings(args.settings_from))
-    if args.resume is not None:
-        settings.update({k: v for k, v in args.resume_from.settings.items() if k in SETTINGS})
+    if resume is not None:
+        settings.update({k: v for k, v in resume.settings.items() if k in SETTINGS})
     settings.update({k: v for k in list(SETTINGS) if (v := getattr(args, k, None)) is not None})
+    if args.image is not None:
+        settings["image"] = str(Path(args.image).resolve())  # absolute, so --settings-from finds it again
     if not settings.get("prompt"):
         raise UserError("no prompt given; usage: python -m minifusion \"a prompt\" --out img.png")
     return settings
@@ -127,14 +135,26 @@ def check_free_space(folder: Path, height: int, width: int, n_scales: int) -> No
                         f"{need / 2**20:.0f} MiB; free some space or choose another --out folder")
 
 
-def run(argv=None) -> int:
-    args = parse_args(argv)
+@dataclass
+class Plan:
+    settings: dict
+    kwargs: dict  # generate() arguments
+    paths: list[Path]  # one per scale
+    first: int  # the first scale this run computes (> 1 when resuming)
+    resume: SavedScale | None
+
+
+def plan(args) -> Plan:
+    """Everything checked that can be checked before a model is loaded: paths, sizes, knobs, files."""
+    resume = None
     if args.resume is not None:
+        if args.image is not None:
+            raise UserError("--image and --resume do not go together: a resumed run already has its picture")
         try:
-            args.resume_from = load_latents(args.resume)
+            resume = load_latents(args.resume)
         except LatentFileError as e:
             raise UserError(str(e)) from None
-    settings = resolve_settings(args)
+    settings = resolve_settings(args, resume)
     out = args.out
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {out}: minifusion writes PNG files; use a name ending in .png")
@@ -143,45 +163,55 @@ def run(argv=None) -> int:
     if not os.access(out.parent, os.W_OK):
         raise UserError(f"--out {out}: folder {out.parent} is not writable")
 
-    cfgs = inspect_checkpoint(args.weights)  # headers only: refuse a bad request before loading anything
+    cfgs = inspect_checkpoint(args.weights)  # headers only
     base, window = cfgs.unet.sample_size * 8, cfgs.unet.sample_size
+    if settings["image"] is not None:
+        try:
+            img = open_image(settings["image"])
+            settings["height"], settings["width"] = base_scale_size(
+                img.width, img.height, base, settings["height"], settings["width"]).final
+        except ValueError as e:  # ImageError included
+            raise UserError(str(e)) from None
     settings["height"] = settings["height"] or 2 * base
     settings["width"] = settings["width"] or 2 * base
     settings["stride"] = settings["stride"] or window // 2
     kwargs = {SETTINGS[k]: v for k, v in settings.items() if k != "prompt"}
     try:
-        check_request(base, window, settings["height"], settings["width"],
-                      **{k: kwargs[k] for k in ("num_inference_steps", "guidance_scale", "view_batch_size",
-                                                "stride", "cosine_scale_1", "cosine_scale_2", "cosine_scale_3",
-                                                "sigma", "scheduler")})
+        check_request(base, window, **{k: kwargs[k] for k in CHECKED})
     except ValueError as e:
         raise UserError(str(e)) from None
+
     n_scales = max(1, int(max(settings["height"], settings["width"]) / base))
-    first = args.resume_from.scale + 1 if args.resume is not None else 1
+    first = resume.scale + 1 if resume is not None else 1
     if first > n_scales:
         raise UserError(f"--resume {args.resume}: that run already reached scale {first - 1}; ask for a larger "
                         f"--height/--width (scale {first} needs the longer side >= {first * base} px)")
-    if args.resume is not None:
+    if resume is not None:
         want = scale_sizes(settings["height"], settings["width"], base)[first - 2]
-        have = tuple(args.resume_from.latents.shape[-2:])
+        have = tuple(resume.latents.shape[-2:])
         if want != have:
             raise UserError(f"--resume {args.resume}: its scale-{first - 1} latents are {have[1]}x{have[0]}, but a "
                             f"{settings['width']}x{settings['height']} run has {want[1]}x{want[0]} there; keep the "
                             "aspect ratio of the run you resume")
     paths = output_paths(out, n_scales)
-    written_paths = [q for p in paths[first - 1:] for q in (p, latent_path(p))]
-    existing = [str(p) for p in written_paths if p.exists()]
+    existing = [str(q) for p in paths[first - 1:] for q in (p, latent_path(p)) if q.exists()]
     if existing and not args.overwrite:
         raise UserError(f"{existing[0]} exists; pass --overwrite to replace it, or choose another --out")
     check_free_space(out.parent, settings["height"], settings["width"], n_scales)
+    return Plan(settings, kwargs, paths, first, resume)
 
+
+def run(argv=None) -> int:
+    args = parse_args(argv)
+    p = plan(args)
     device = torch.device(args.device) if args.device else default_device()
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
     started = time.perf_counter()
     pipe = load(args.weights, device=device, dtype=dtype)
+    n_scales = len(p.paths)
     print(f"loaded {args.weights} on {device} ({str(dtype).replace('torch.', '')}) in "
-          f"{time.perf_counter() - started:.1f} s; {n_scales} scale(s) up to {settings['width']}x{settings['height']}",
-          file=sys.stderr)
+          f"{time.perf_counter() - started:.1f} s; {n_scales} scale(s) up to "
+          f"{p.settings['width']}x{p.settings['height']}", file=sys.stderr)
 
     bars: dict[int, tqdm] = {}
 
@@ -194,23 +224,23 @@ def run(argv=None) -> int:
         if step == steps:
             bar.close()
 
-    written = []
-    info = {"settings": settings, "weights": str(args.weights), "device": str(device),
+    info = {"settings": p.settings, "weights": str(args.weights), "device": str(device),
             "dtype": str(dtype).replace("torch.", ""), "minifusion": "0.1.0"}
-    resume = args.resume_from if args.resume is not None else None
-    if resume is not None:
+    if p.resume is not None:
         info["resumed_from"] = str(args.resume)
+    written = []
     try:
-        for scale in pipe.iter_generate(settings["prompt"], callback=on_step, decode_progress=True,
-                                        resume=resume, **kwargs):
-            path = paths[scale.scale - 1]
+        for scale in pipe.iter_generate(p.settings["prompt"], callback=on_step, decode_progress=True,
+                                        resume=p.resume, **p.kwargs):
+            path = p.paths[scale.scale - 1]
             try:
                 save_png(scale.image, path, {**info, "scale": scale.scale, "stats": scale.stats})
-                save_latents(latent_path(path), scale.saved(settings))
+                save_latents(latent_path(path), scale.saved(p.settings))
             except OSError as e:
                 raise UserError(f"cannot write {path}: {e.strerror or e}") from None
             written.append(path)
-            print(f"wrote {path} ({scale.image.width}x{scale.image.height}, {scale.stats['seconds']:.1f} s)",
+            print(f"wrote {path} ({scale.image.width}x{scale.image.height}"
+                  + (f", {scale.stats['seconds']:.1f} s)" if "seconds" in scale.stats else ", the input picture)"),
                   file=sys.stderr)
     except KeyboardInterrupt:
         print(f"\ninterrupted; kept {_listing(written)}", file=sys.stderr)
@@ -219,8 +249,8 @@ def run(argv=None) -> int:
         if not is_out_of_memory(e):
             raise
         raise UserError(f"out of memory even with one view per UNet call (--view-batch 1) at "
-                        f"{settings['width']}x{settings['height']}; use a smaller --height/--width or a device with "
-                        f"more memory (kept {_listing(written)})") from None
+                        f"{p.settings['width']}x{p.settings['height']}; use a smaller --height/--width or a device "
+                        f"with more memory (kept {_listing(written)})") from None
     except UserError as e:
         raise UserError(f"{e} (kept {_listing(written)})") from None
     return 0

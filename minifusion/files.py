@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import save
+
+from .safetensors_check import CheckpointError, SafetensorsFile
 
 METADATA_KEY = "minifusion"
 
@@ -73,11 +74,16 @@ def load_latents(path: str | Path) -> SavedScale:
     if not path.is_file():
         raise LatentFileError(f"{path}: no such file")
     try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})[METADATA_KEY])
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
-        raise LatentFileError(f"{path}: not a minifusion latents file ({str(e).splitlines()[0] if str(e) else e!r})") from None
+        f = SafetensorsFile(path)  # a user-supplied file: validated like any checkpoint
+        try:
+            tensors = {k: f.read(k) for k in ("latents", "generator_state") if k in f.entries}
+            meta = json.loads(f.metadata[METADATA_KEY])
+        finally:
+            f.close()
+    except CheckpointError as e:
+        raise LatentFileError(str(e)) from None
+    except (ValueError, KeyError, TypeError):
+        raise LatentFileError(f"{path}: not a minifusion latents file (no readable settings in its header)") from None
     z = tensors.get("latents")
     state = tensors.get("generator_state")
     ok = (z is not None and z.dim() == 4 and z.shape[:2] == (1, 4) and z.is_floating_point()

@@ -14,6 +14,7 @@ from PIL import Image
 
 from .checkpoint import Configs, load_components
 from .decode import decode_tiled
+from .encode import base_scale_size, encode_tiled, load_image, open_image, sample_latents
 from .demofusion import Cond, Resume, demofusion, is_out_of_memory
 from .files import SavedScale
 from .schedulers import SCHEDULERS
@@ -150,12 +151,18 @@ class Pipeline:
                       latents: torch.Tensor | None = None, noise: list[torch.Tensor] | None = None,
                       scheduler: str = "ddim", callback: Callable[[int, int, int, int], None] | None = None,
                       decode_progress: bool | Callable[[int, int], None] | None = None,
-                      resume: SavedScale | None = None) -> Iterator["Scale"]:
+                      resume: SavedScale | None = None,
+                      image: Image.Image | str | Path | None = None) -> Iterator["Scale"]:
         """Yield each scale as soon as it is decoded (base scale first). Arguments as `generate`."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be text, not {type(prompt).__name__}")
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise TypeError(f"negative_prompt must be text or None, not {type(negative_prompt).__name__}")
+        if image is not None:
+            if resume is not None:
+                raise ValueError("pass either image or resume, not both")
+            image = open_image(image)
+            height, width = base_scale_size(image.width, image.height, self.base_size, height, width).final
         height = self.base_size * 2 if height is None else height
         width = self.base_size * 2 if width is None else width
         stride = self.configs.unet.sample_size // 2 if stride is None else stride  # 64 for SDXL
@@ -165,6 +172,14 @@ class Pipeline:
         context, pooled = self.encode_prompt(prompt, negative_prompt)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         start_from = None
+        if image is not None:
+            # image-to-image: the picture, encoded at phase 1's size, replaces phase 1
+            z = self.encode_image(image, height, width, generator)
+            start_from = Resume(1, z, z.mean().item(), z.std().item())
+            yield Scale(1, self.decode(z, tiled=multi_decoder, progress=decode_progress), z,
+                        {"scale": 1, "latent_size": tuple(z.shape[-2:]), "encoded_from_image": True},
+                        (start_from.anchor_mean, start_from.anchor_std),
+                        generator.get_state() if generator is not None else None)
         if resume is not None:
             start_from = Resume(resume.scale, resume.latents, resume.anchor_mean, resume.anchor_std)
             if generator is not None and resume.generator_state is not None:
@@ -207,6 +222,8 @@ class Pipeline:
         decay), sigma (blur std), multi_decoder (tiled decode), plus jitter=False, latents (phase-1 noise)
         and noise (one re-noising tensor per scale >= 2) to compare runs number for number. `seed` alone
         reproduces a run on the same device. callback(scale, step, steps, unet_evaluations) after each step.
+        image: a picture (PIL image or path) that replaces phase 1 (image-to-image upscaling); height and
+        width then default to 2 x base on its longer side and follow its aspect ratio.
         """
         result = Result()
         for scale in self.iter_generate(prompt, **kwargs):
@@ -216,26 +233,43 @@ class Pipeline:
         return result
 
     @torch.no_grad()
+    def encode_image(self, image: Image.Image | str | Path, height: int, width: int,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """The scaled latents of a picture resized to phase 1's size for a height x width run: a sample of
+        the VAE's latent distribution (as the reference does), drawn from `generator`."""
+        h, w = base_scale_size(*open_image(image).size, self.base_size, height, width).base
+        dtype = self.vae.post_quant_conv.weight.dtype
+        x = load_image(image, h, w).to(self.device, dtype)
+        mean, logvar = self._fit_in_memory(
+            "encode", lambda tile: encode_tiled(self.vae, x, tile=tile) if tile else self.vae.encode(x), tile=None)
+        z = sample_latents(mean.to(self.device), logvar.to(self.device), generator)
+        return (z * self.configs.vae.scaling_factor).float()
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor, tiled: bool = True, tile: int = 256,
                progress: bool | Callable[[int, int], None] | None = None) -> Image.Image:
-        """Latents (scaled, as the sampler returns them) -> PIL image. Out of memory: the tile is halved
-        (an untiled decode becomes a tiled one) until it fits or is smaller than MIN_DECODE_TILE."""
+        """Latents (scaled, as the sampler returns them) -> PIL image."""
         z = (latents / self.configs.vae.scaling_factor).to(self.vae.post_quant_conv.weight.dtype)
-        while True:
-            try:
-                x = decode_tiled(self.vae, z, tile=tile, progress=progress) if tiled else self.vae.decode(z)
-                break
-            except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
-                if not is_out_of_memory(err) or (tiled and tile // 2 < MIN_DECODE_TILE):
-                    raise
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                tile = tile // 2 if tiled else tile
-                tiled = True
-                log.warning("out of memory in the VAE decode: decoding in tiles of %d px", tile)
+        x = self._fit_in_memory(
+            "decode", lambda t: decode_tiled(self.vae, z, tile=t, progress=progress) if t else self.vae.decode(z),
+            tile=tile if tiled else None)
         if not torch.isfinite(x).all():
             raise NonFiniteError("the VAE decode produced NaN or inf (a float16 overflow); decode in float32")
         return to_pil(x[0])
+
+    def _fit_in_memory(self, what: str, run: Callable[[int | None], torch.Tensor], tile: int | None):
+        """run(tile), tile None meaning in one piece; out of memory, retry in tiles of half the size (the
+        result is the same, see decode.py) until a tile would be smaller than MIN_DECODE_TILE."""
+        while True:
+            try:
+                return run(tile)
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
+                if not is_out_of_memory(err) or (tile is not None and tile // 2 < MIN_DECODE_TILE):
+                    raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            tile = 256 if tile is None else tile // 2
+            log.warning("out of memory in the VAE %s: working in tiles of %d px", what, tile)
 
 
 @dataclass

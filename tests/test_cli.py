@@ -183,7 +183,7 @@ def test_resume_from_a_damaged_file(tiny_file, tmp_path, capsys):
     bad = tmp_path / "x.latent.safetensors"
     bad.write_bytes(b"not a safetensors file")
     code, err = run(capsys, "--resume", bad, "--weights", tiny_file, "--out", tmp_path / "y.png")
-    assert code == 2 and str(bad) in err and "not a minifusion latents file" in err
+    assert code == 2 and str(bad) in err and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_out_of_memory_halves_the_view_batch_and_keeps_going(tiny_file, tmp_path, capsys, monkeypatch):
