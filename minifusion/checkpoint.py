@@ -455,8 +455,12 @@ def inspect_checkpoint(path: str | Path) -> Configs:
     return cfgs
 
 
-def load_components(path: str | Path, device: torch.device, dtypes: dict[str, torch.dtype]):
-    """Load the four SDXL networks. Returns ({component: module}, Configs, metadata)."""
+def load_components(path: str | Path, devices: torch.device | dict[str, torch.device],
+                    dtypes: dict[str, torch.dtype]):
+    """Load the four SDXL networks, each onto its device (one for all, or one per component) in its dtype.
+    Returns ({component: module}, Configs, metadata)."""
+    if not isinstance(devices, dict):
+        devices = dict.fromkeys(COMPONENTS, devices)
     layout, where, src, cfgs = _open(Path(path))
     sources: dict[str, TensorSource] = {}
     try:
@@ -486,7 +490,7 @@ def load_components(path: str | Path, device: torch.device, dtypes: dict[str, to
                 problems = check(tables[c], _shapes(models[c]), sources[c], sources[c].keys(), DIFFUSERS_OPTIONAL)
                 if any(problems):
                     raise CheckpointError(_report(where / DIFFUSERS_FOLDER[c][0], *problems))
-        models = {c: _materialise(models[c], tables[c], sources[c], device, dtypes[c]) for c in COMPONENTS}
+        models = {c: _materialise(models[c], tables[c], sources[c], devices[c], dtypes[c]) for c in COMPONENTS}
         return models, cfgs, sources["unet"].metadata
     finally:
         for s in (src, *sources.values()):
