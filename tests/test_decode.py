@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from minifusion.config import VAEConfig
 from minifusion.decode import decode_flops, decode_tiled
 from minifusion.models.vae import VAE
+from minifusion.tiny import randomize
 
 CFG = VAEConfig(ch=8, ch_mult=(1, 2, 4, 4), norm_groups=4)  # SDXL's structure at 1/16 width
 
@@ -19,16 +20,7 @@ CFG = VAEConfig(ch=8, ch_mult=(1, 2, 4, 4), norm_groups=4)  # SDXL's structure a
 @pytest.fixture(scope="module")
 def vae():
     model = VAE(CFG).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # realistic weights: norms near 1, small biases, convs ~1/sqrt(fan_in)
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * r)
-            elif p.ndim == 1:
-                p.copy_(0.05 * r)
-            else:
-                p.copy_(r / p[0].numel() ** 0.5)
+    randomize(model, torch.Generator().manual_seed(0))
     return model
 
 

@@ -9,6 +9,7 @@ from diffusers import UNet2DConditionModel
 from minifusion.config import SDXL_UNET, UNetConfig
 from minifusion.keyops import convert_state_dict
 from minifusion.models.unet import UNet, diffusers_keys
+from minifusion.tiny import randomize
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS_FILE = next((p for p in (ROOT.parent / "shared" / "sdxl" / "sd_xl_base_1.0.keys.txt",
@@ -38,25 +39,10 @@ TINY = dict(  # SDXL's structure at toy width: 64-wide heads, deeper transformer
 )
 
 
-def randomise_(model: torch.nn.Module, seed: int = 0):
-    """Replace diffusers' init (which zeroes some layers, hiding bugs behind them) with realistic random
-    weights: norms near 1, biases small, matrices ~1/sqrt(fan_in)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * r)
-            elif p.ndim == 1:
-                p.copy_(0.05 * r)
-            else:
-                p.copy_(r / p[0].numel() ** 0.5)
-
-
 @pytest.fixture(scope="module")
 def pair():
     theirs = UNet2DConditionModel(**TINY).eval()
-    randomise_(theirs)
+    randomize(theirs, torch.Generator().manual_seed(0))  # diffusers zero-inits layers that would hide bugs
     cfg = UNetConfig.from_diffusers_config(dict(theirs.config))
     ours = UNet(cfg).eval()
     ours.load_state_dict(convert_state_dict(theirs.state_dict(), diffusers_keys(cfg)), strict=True)

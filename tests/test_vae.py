@@ -11,6 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from minifusion.config import SDXL_VAE, VAEConfig
 from minifusion.keyops import apply_op, convert_state_dict
 from minifusion.models.vae import VAE, diffusers_keys
+from minifusion.tiny import randomize
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS_FILE = next((p for p in (ROOT.parent / "shared" / "sdxl" / "sd_xl_base_1.0.keys.txt",
@@ -25,24 +26,10 @@ TINY = dict(SDXL, block_out_channels=[32, 64, 96], down_block_types=["DownEncode
             up_block_types=["UpDecoderBlock2D"] * 3, norm_num_groups=8, sample_size=64)
 
 
-def randomise_(model: torch.nn.Module, seed: int = 0):
-    """Realistic random weights instead of the library init: norms near 1, biases small, convs ~1/sqrt(fan_in)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * r)
-            elif p.ndim == 1:
-                p.copy_(0.05 * r)
-            else:
-                p.copy_(r / p[0].numel() ** 0.5)
-
-
 @pytest.fixture(scope="module")
 def pair():
     theirs = AutoencoderKL(**TINY).eval()
-    randomise_(theirs)
+    randomize(theirs, torch.Generator().manual_seed(0))  # diffusers zero-inits layers that would hide bugs
     cfg = VAEConfig.from_diffusers_config(dict(theirs.config))
     ours = VAE(cfg).eval()
     ours.load_state_dict(convert_state_dict(theirs.state_dict(), diffusers_keys(cfg)), strict=True)
