@@ -21,6 +21,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
+from . import memory
 from .checkpoint import CheckpointError, inspect_checkpoint
 from .encode import base_scale_size, open_image
 from .files import LatentFileError, SavedScale, atomic_write, latent_path, load_latents, save_latents
@@ -81,6 +82,7 @@ def parse_args(argv):
     ap.add_argument("--resume", type=Path, help="continue from a finished scale's .latent.safetensors with its "
                     "settings (flags still override; --height/--width may go larger at the same aspect)")
     ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    ap.add_argument("--force", action="store_true", help="run even when the size looks too large for the device")
     return ap.parse_args(argv)
 
 
@@ -137,6 +139,8 @@ def check_free_space(folder: Path, height: int, width: int, n_scales: int) -> No
 
 @dataclass
 class Plan:
+    device: torch.device
+    dtype: torch.dtype
     settings: dict
     kwargs: dict  # generate() arguments
     paths: list[Path]  # one per scale
@@ -198,14 +202,42 @@ def plan(args) -> Plan:
     if existing and not args.overwrite:
         raise UserError(f"{existing[0]} exists; pass --overwrite to replace it, or choose another --out")
     check_free_space(out.parent, settings["height"], settings["width"], n_scales)
-    return Plan(settings, kwargs, paths, first, resume)
+    device = torch.device(args.device) if args.device else default_device()
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
+    if not args.force:
+        check_fits(cfgs, settings, device, dtype)
+    return Plan(device, dtype, settings, kwargs, paths, first, resume)
+
+
+def device_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def check_fits(cfgs, settings: dict, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse a request that cannot fit the device even with one view per UNet call and the smallest decode
+    tile (out-of-memory recovery stops there), saying what it would cost."""
+    have = device_memory(device)
+    if have is None:
+        return
+    est = memory.estimate(cfgs, settings["height"], settings["width"], settings["steps"], view_batch_size=1,
+                          dtype=dtype, decode_tile=memory.DECODE_TILES[-1], stride=settings["stride"],
+                          offload=device.type == "cuda")
+    need = memory.required_bytes(est["peak_bytes"], device.type)
+    if need > have:
+        raise UserError(f"{settings['width']}x{settings['height']} needs about {need / 2**30:.1f} GiB even with "
+                        f"--view-batch 1, but {device} has {have / 2**30:.1f} GiB; it would also take "
+                        f"{est['unet_evals']} UNet evaluations ({est['flops'] / 1e15:.1f} PFLOP). Choose a smaller "
+                        "size, or pass --force to try anyway")
 
 
 def run(argv=None) -> int:
     args = parse_args(argv)
     p = plan(args)
-    device = torch.device(args.device) if args.device else default_device()
-    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
+    device, dtype = p.device, p.dtype
     started = time.perf_counter()
     pipe = load(args.weights, device=device, dtype=dtype)
     n_scales = len(p.paths)

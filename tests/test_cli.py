@@ -254,3 +254,24 @@ def test_long_prompt_warns_once(tiny_file, tmp_path, capsys):
     code, err = run(capsys, "red " * 80 + "zebra", "--weights", tiny_file, "--out", tmp_path / "long.png", *FAST)
     assert code == 0
     assert err.count("longer than CLIP's 77 tokens") == 1 and 'ignored: "red red red red red zebra"' in err
+
+
+def test_a_size_the_device_cannot_hold_is_refused_with_its_cost(tiny_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "device_memory", lambda device: 50 * 2**20)  # a 50 MiB machine
+    monkeypatch.setattr(cli, "load", lambda *a, **k: pytest.fail("loaded the model for a request that cannot fit"))
+    code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", tmp_path / "x.png", "--height", "2048",
+                    "--width", "2048", *FAST)
+    assert code == 2 and "needs about" in err and "has 0.0 GiB" in err and "UNet evaluations" in err
+    assert "--force" in err and err.count("\n") == 1
+
+
+def test_force_skips_the_fit_check(tiny_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "device_memory", lambda device: 50 * 2**20)
+
+    def reached_loading(*a, **k):
+        raise RuntimeError("reached loading")
+
+    monkeypatch.setattr(cli, "load", reached_loading)
+    with pytest.raises(RuntimeError, match="reached loading"):
+        cli.main(["a cat", "--weights", str(tiny_file), "--out", str(tmp_path / "x.png"), "--height", "2048",
+                  "--width", "2048", "--force", *FAST])
