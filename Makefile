@@ -16,5 +16,11 @@ install:
 test:
 	$(BIN)/python -m pytest -q
 
+# Time, memory and work per scale on the tiny random model (seconds on a CPU); results in bench/results/.
+# More: make bench BENCH="--model sdxl --components full --loading --predict-sizes 2048,3072,4096 --max-memory 8,12,24"
+BENCH ?=
+bench:
+	$(BIN)/python -m bench $(BENCH)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

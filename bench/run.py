@@ -1,0 +1,244 @@
+"""python -m bench [--model tiny|sdxl | --weights PATH] [--height H --width W --steps N ...]
+
+Sections (each optional except where noted):
+  generation   a DemoFusion run through minifusion's Pipeline, per scale (default on; --no-generate)
+  overhead     share of a step outside the UNet: the last scale's step with a no-op UNet (default on)
+  components   ours vs diffusers/transformers on shared weights: --components tiny|full|none (default tiny)
+  loading      a full-size fp16 single file into our models, in a fresh process: --loading
+  memory       the memory model for this model: --predict-sizes 2048,3072,4096 and --max-memory 8,12,24 (GiB)
+Writes bench/results/<stamp>-<model>-<device>.json and .png (git-ignored) and prints tables.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from minifusion import memory
+from minifusion.checkpoint import inspect_checkpoint
+from minifusion.pipeline import default_device, default_dtype
+
+from . import chart, components, generation, loading
+from .measure import machine, peak_tflops
+from .models import CONFIGS, make_pipeline
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+RESULTS = Path(__file__).resolve().parent / "results"
+GiB = float(1 << 30)
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=sorted(CONFIGS), default="tiny",
+                    help="tiny: small random SDXL-shaped model; sdxl: full SDXL architecture, random weights")
+    ap.add_argument("--weights", type=Path, help="a real checkpoint instead of random weights (file or folder)")
+    ap.add_argument("--height", type=int, help="final height in px (default: 2x the base size)")
+    ap.add_argument("--width", type=int, help="final width in px (default: 2x the base size)")
+    ap.add_argument("--steps", type=int, default=50, help="denoising steps per scale (default 50)")
+    ap.add_argument("--view-batch", type=int, default=16, dest="view_batch", help="views per UNet call (default 16)")
+    ap.add_argument("--dtype", choices=list(DTYPES), help="default: float16 on GPUs, bfloat16 on CPUs (as the CLI)")
+    ap.add_argument("--device", help="cuda, mps or cpu (default: the first available)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--no-tiled-decode", dest="tiled_decode", action="store_false")
+    ap.add_argument("--no-generate", dest="generate", action="store_false", help="skip the generation")
+    ap.add_argument("--no-overhead", dest="overhead", action="store_false", help="skip the non-UNet share")
+    ap.add_argument("--overhead-real", choices=["auto", "yes", "no"], default="auto",
+                    help="time the overhead step with the real UNet too (auto: only for the tiny model)")
+    ap.add_argument("--components", choices=["none", "tiny", "full"], default="tiny",
+                    help="ours vs the reference implementation at the tiny config or at full SDXL size")
+    ap.add_argument("--repeat", type=int, default=3, help="timed forwards per component (median reported)")
+    ap.add_argument("--loading", action="store_true", help="measure loading a full-size fp16 single file")
+    ap.add_argument("--loading-dir", type=Path, default=loading.DEFAULT_DIR,
+                    help="where the random full-size checkpoint is written once and reused (~7 GB)")
+    ap.add_argument("--predict-sizes", default="", help="memory model: comma-separated square sizes in px")
+    ap.add_argument("--max-memory", default="", help="memory model: comma-separated budgets in GiB to plan for")
+    ap.add_argument("--predict-dtype", choices=list(DTYPES), default="float16",
+                    help="dtype of the memory model's predictions (default float16, as on a GPU)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
+    return ap.parse_args(argv)
+
+
+def _gib(b) -> str:
+    return "-" if b is None else f"{b / GiB:.2f}"
+
+
+def print_generation(g: dict, device: torch.device) -> None:
+    key = "peak_allocated_bytes" if device.type == "cuda" else "peak_rss_growth_bytes"
+    label = "alloc GiB" if device.type == "cuda" else "RSS+ GiB"
+    print(f"\n{'scale':>5} {'latent':>9} {'evals':>6} {'denoise s':>10} {'s/eval':>8} {'decode s':>9} "
+          f"{'den ' + label:>14} {'dec ' + label:>14} {'TFLOP/s':>8} {'MFU':>7}")
+    for r in g["scales"]:
+        mfu = f"{r['mfu']:.2%}" if r.get("mfu") is not None else "-"
+        print(f"{r['scale']:>5} {'x'.join(map(str, r['latent_size'])):>9} {r['unet_evaluations']:>6} "
+              f"{r['denoise_seconds']:>10.2f} {r['seconds_per_unet_evaluation']:>8.4f} {r['decode_seconds']:>9.2f} "
+              f"{_gib(r['denoise_memory'].get(key)):>14} {_gib(r['decode_memory'].get(key)):>14} "
+              f"{r['denoise_tflops_per_second']:>8.3f} {mfu:>7}")
+    f = g["flops"]
+    mfu = f"{g['mfu']:.2%}" if g.get("mfu") is not None else "-"
+    print(f"FLOPs: UNet {f['unet'] / 1e12:.2f} T, decode {f['decode'] / 1e12:.2f} T, text encoders "
+          f"{f['text_encoders'] / 1e12:.4f} T; denoising {g['denoise_tflops_per_second']:.3f} TFLOP/s, MFU {mfu}")
+
+
+def _mib(b) -> str:
+    return "-" if b is None else f"{b / 2**20:.1f}"
+
+
+def print_check(rows: list[dict]) -> None:
+    print("\nmemory model vs this run (growth over the resident weights)")
+    print(f"{'scale':>5} {'denoise pred MiB':>17} {'measured':>9} {'ratio':>6} {'decode pred MiB':>16} "
+          f"{'measured':>9} {'ratio':>6}")
+    for r in rows:
+        dr = f"{r['denoise_ratio']:.2f}" if r["denoise_ratio"] else "-"
+        vr = f"{r['decode_ratio']:.2f}" if r["decode_ratio"] else "-"
+        print(f"{r['scale']:>5} {_mib(r['predicted_denoise_growth_bytes']):>17} "
+              f"{_mib(r['measured_denoise_growth_bytes']):>9} {dr:>6} {_mib(r['predicted_decode_growth_bytes']):>16} "
+              f"{_mib(r['measured_decode_growth_bytes']):>9} {vr:>6}")
+
+
+def print_components(c: dict) -> None:
+    print(f"\ncomponents ({c['config']}, {c['device']}, {c['dtype']}; UNet at {c['unet_latent']}^2 latents x 2, "
+          f"VAE at {c['vae_latent']}^2 latents; median of {c['repeat']})")
+    print(f"{'component':>17} {'ours s':>9} {'theirs s':>9} {'ours/theirs':>12} {'mem ours MiB':>13} "
+          f"{'mem theirs MiB':>15} {'max |diff|':>10}")
+    for r in c["rows"]:
+        key = "peak_tensor_bytes" if "peak_tensor_bytes" in r["ours_memory"] else "peak_allocated_growth_bytes"
+        print(f"{r['component']:>17} {r['ours_seconds']:>9.4f} {r['theirs_seconds']:>9.4f} "
+              f"{r['time_ratio_ours_over_theirs']:>12.3f} {r['ours_memory'][key] / 2**20:>13.1f} "
+              f"{r['theirs_memory'][key] / 2**20:>15.1f} {r['max_abs_diff']:>10.2e}")
+
+
+def memory_section(cfgs, sizes: list[int], budgets: list[float], dtype: torch.dtype) -> dict:
+    out = {"dtype": str(dtype).replace("torch.", ""), "device": "cuda (predicted)",
+           "assumptions": {"fragmentation": memory.FRAGMENTATION, "cuda_context_bytes": memory.CUDA_CONTEXT_BYTES},
+           "activation_profile": vars(memory.activation_profile(cfgs.unet, dtype)),
+           "weights_bytes": memory.weights_bytes(cfgs, dtype), "predictions": [], "plans": []}
+    base = cfgs.unet.sample_size * 8
+    print(f"\nmemory model ({out['dtype']}, CUDA, predicted): weights "
+          + ", ".join(f"{k} {_gib(v)} GiB" for k, v in out["weights_bytes"].items()))
+    p = out["activation_profile"]
+    print(f"UNet activations per call: {p['fixed']} B + n x ({p['per_sample']} B + {p['per_sample_pixel']:.0f} B x h x w)")
+    for size in sizes:
+        rows = memory.predict(cfgs, size, size, dtype)
+        need = memory.required_bytes(max(r["peak_bytes"] for r in rows))
+        out["predictions"].append({"size": size, "view_batch_size": 16, "decode_tile": 256, "scales": rows,
+                                   "required_bytes": need})
+        print(f"{size}x{size} (view batch 16, tile 256): " + "; ".join(
+            f"x{r['scale']} denoise {_gib(r['denoise_bytes'])} decode {_gib(r['decode_bytes'])} "
+            f"(host {_gib(r['host_decode_bytes'])})" for r in rows) + f" GiB -> needs {_gib(need)} GiB")
+    size = max(sizes) if sizes else 4 * base
+    for budget in budgets:
+        for offload in (False, True):
+            entry = {"budget_gib": budget, "size": size, "offload": offload}
+            try:
+                vb, tile = memory.plan(int(budget * GiB), cfgs, size, size, dtype, offload=offload)
+                rows = memory.predict(cfgs, size, size, dtype, vb, tile, offload=offload)
+                need = memory.required_bytes(max(r["peak_bytes"] for r in rows))
+                entry.update(view_batch_size=vb, decode_tile=tile, required_bytes=need, holds=need <= budget * GiB)
+                print(f"budget {budget:g} GiB, {size}x{size}, offload {offload}: view_batch_size {vb}, decode tile "
+                      f"{tile} -> needs {_gib(need)} GiB ({'holds' if entry['holds'] else 'EXCEEDS'})")
+            except ValueError as e:
+                entry["error"] = str(e)
+                print(f"budget {budget:g} GiB, offload {offload}: {e}")
+            out["plans"].append(entry)
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device) if args.device else default_device()
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
+    cfgs = inspect_checkpoint(args.weights) if args.weights else CONFIGS[args.model]
+    base = cfgs.unet.sample_size * 8
+    height, width = args.height or 2 * base, args.width or 2 * base
+    model = "weights" if args.weights else args.model
+    result = {"settings": {"model": model, "weights": str(args.weights) if args.weights else None,
+                           "height": height, "width": width, "steps": args.steps, "view_batch": args.view_batch,
+                           "dtype": str(dtype).replace("torch.", ""), "device": str(device), "seed": args.seed,
+                           "tiled_decode": args.tiled_decode, "threads": torch.get_num_threads(),
+                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "argv": sys.argv[1:]},
+              "machine": machine(device), "device": str(device), "torch": torch.__version__,
+              "dtype": str(dtype).replace("torch.", "")}
+    print(f"minifusion bench: {model} on {device} ({result['dtype']}), {width}x{height}, {args.steps} steps, "
+          f"{torch.get_num_threads()} threads")
+
+    sections = result["section_seconds"] = {}
+    clock = time.perf_counter()
+
+    def lap(name):
+        nonlocal clock
+        now = time.perf_counter()
+        sections[name] = now - clock
+        clock = now
+
+    real = args.overhead and (args.overhead_real == "yes" or (args.overhead_real == "auto" and args.model == "tiny"
+                                                               and not args.weights))
+    pipe = None
+    if args.generate or real:
+        result["peak"] = peak_tflops(device, dtype)
+        print(f"peak: {result['peak']['peak_tflops']:.3f} TFLOP/s ({result['peak']['source']})")
+        start = time.perf_counter()
+        pipe = make_pipeline(args.model, args.weights, device, dtype)
+        result["build_seconds"] = time.perf_counter() - start
+        lap("build")
+    if args.generate:
+        g = generation.run(pipe, height, width, args.steps, args.view_batch, args.seed,
+                           result["peak"]["peak_tflops"], args.tiled_decode)
+        result["generation"] = g
+        print_generation(g, device)
+        result["memory_check"] = generation.predicted_vs_measured(pipe, g, height, width, args.view_batch,
+                                                                  args.tiled_decode)
+        print_check(result["memory_check"])
+        lap("generation")
+    if args.overhead:
+        o = generation.non_unet_fraction(cfgs, device, dtype, height, width, args.view_batch,
+                                         unet=pipe.unet if real else None)
+        if not real and args.generate:  # the generation's own step time at the last scale
+            o["real_step_seconds"] = result["generation"]["scales"][-1]["denoise_seconds"] / args.steps
+            o["real_step_source"] = "generation, last scale, denoise seconds / steps"
+            o["non_unet_fraction"] = o["noop_step_seconds"] / o["real_step_seconds"]
+        result["overhead"] = o
+        frac = f"{o['non_unet_fraction']:.2%}" if "non_unet_fraction" in o else "-"
+        real_ms = f"{o['real_step_seconds'] * 1e3:.1f} ms" if "real_step_seconds" in o else "(no real step timed)"
+        print(f"\nnon-UNet work of one step at the last scale ({width}x{height}): {o['noop_step_seconds'] * 1e3:.1f} ms "
+              f"({o['non_unet_ops_per_step']} ops) of {real_ms} -> {frac}")
+        lap("overhead")
+    del pipe
+
+    if args.components != "none":
+        result["components"] = components.run(args.components if args.components == "tiny" else "sdxl", device,
+                                              dtype, repeat=args.repeat)
+        print_components(result["components"])
+        lap("components")
+
+    if args.loading:
+        result["loading"] = loading.run(args.loading_dir, CONFIGS["sdxl"], device="cpu")
+        print(f"\nloading {result['loading']['file']} ({result['loading']['file_bytes'] / 1e9:.2f} GB):")
+        for r in result["loading"]["loads"]:
+            print(f"  -> {r['dtype']:>9} {'cold' if r['cold'] else 'warm'}: {r['seconds']:.1f} s, peak RSS growth "
+                  f"{r['peak_rss_growth_bytes'] / 1e9:.2f} GB = {r['peak_rss_over_file']:.2f} x file "
+                  f"({'meets' if r['target_met'] else 'MISSES'} <= 1.3), anon {r['peak_anon_growth_bytes'] / 1e9:.2f} GB")
+        lap("loading")
+
+    sizes = [int(s) for s in args.predict_sizes.split(",") if s]
+    budgets = [float(b) for b in args.max_memory.split(",") if b]
+    if sizes or budgets:
+        result["memory_model"] = memory_section(cfgs, sizes, budgets, DTYPES[args.predict_dtype])
+        lap("memory_model")
+
+    print("\nseconds per section: " + ", ".join(f"{k} {v:.1f}" for k, v in sections.items()))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-{device.type}"
+    json_path = args.out / f"{stem}.json"
+    json_path.write_text(json.dumps(result, indent=1, default=str))
+    print(f"\nwrote {json_path}")
+    if "generation" in result:
+        print(f"wrote {chart.draw(result, args.out / f'{stem}.png')}")
+    return 0

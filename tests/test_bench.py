@@ -1,0 +1,75 @@
+"""`make bench` keeps working: the tiny model, 1 step, through the same entry point (`python -m bench`), in a
+subprocess, with every section that runs in seconds. Checks the JSON carries every field and the chart is a
+PNG; asserts no timings (benchmarks never gate CI), only that they were measured."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SETTINGS = {"model", "weights", "height", "width", "steps", "view_batch", "dtype", "device", "seed", "tiled_decode",
+            "threads", "omp_wait_policy", "argv"}
+MACHINE = {"platform", "python", "torch", "cpu", "cpu_count", "torch_threads", "cpu_capability", "memory_bytes",
+           "load_average"}
+SCALE = {"scale", "latent_size", "image_size", "unet_evaluations", "unet_calls", "windows", "dilated_views",
+         "denoise_seconds", "seconds_per_unet_evaluation", "decode_seconds", "seconds", "denoise_memory",
+         "decode_memory", "unet_flops", "decode_flops", "denoise_tflops_per_second", "mfu"}
+CPU_MEMORY = {"peak_rss_bytes", "peak_rss_growth_bytes", "peak_anon_growth_bytes"}
+COMPONENT = {"component", "output_shape", "ours_seconds", "theirs_seconds", "time_ratio_ours_over_theirs",
+             "speedup_theirs_over_ours", "ours_memory", "theirs_memory", "memory_ratio_ours_over_theirs",
+             "max_abs_diff", "output_scale"}
+CHECK = {"scale", "predicted_denoise_growth_bytes", "measured_denoise_growth_bytes", "predicted_decode_growth_bytes",
+         "measured_decode_growth_bytes", "denoise_ratio", "decode_ratio"}
+
+
+def test_bench_tiny_one_step(tmp_path):
+    cmd = [sys.executable, "-m", "bench", "--model", "tiny", "--steps", "1", "--height", "512", "--width", "256",
+           "--device", "cpu", "--dtype", "float32",
+           "--repeat", "1", "--overhead-real", "no", "--out", str(tmp_path), "--predict-sizes", "512",
+           "--max-memory", "0.0001,1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (json_path,) = tmp_path.glob("*.json")
+    (png_path,) = tmp_path.glob("*.png")
+    r = json.loads(json_path.read_text())
+
+    assert SETTINGS <= r["settings"].keys() and r["settings"]["steps"] == 1 and r["settings"]["height"] == 512
+    assert MACHINE <= r["machine"].keys()
+    assert r["device"] == "cpu" and r["dtype"] == "float32" and r["torch"]
+    assert r["peak"]["peak_tflops"] > 0
+
+    g = r["generation"]
+    assert [s["scale"] for s in g["scales"]] == [1, 2]  # 512 px on the tiny model's 256 px base
+    assert [s["latent_size"] for s in g["scales"]] == [[32, 16], [64, 32]]
+    for s in g["scales"]:
+        assert SCALE <= s.keys(), SCALE - s.keys()
+        assert CPU_MEMORY <= s["denoise_memory"].keys() and CPU_MEMORY <= s["decode_memory"].keys()
+        assert s["unet_evaluations"] > 0 and s["denoise_seconds"] > 0 and s["decode_seconds"] > 0
+        assert s["unet_flops"] > 0 and s["decode_flops"] > 0
+    assert g["scales"][1]["unet_evaluations"] == 2 * (3 + 4)  # 3x1 windows + 2x2 dilated views, doubled for CFG
+    assert {"unet", "decode", "text_encoders", "total"} <= g["flops"].keys() and g["mfu"] > 0
+
+    for row in r["memory_check"]:
+        assert CHECK <= row.keys()
+    assert {"noop_step_seconds", "real_step_seconds", "non_unet_fraction", "non_unet_ops_per_step"} <= r["overhead"].keys()
+
+    c = r["components"]
+    assert [row["component"] for row in c["rows"]] == ["unet", "vae_decode", "vae_decode_tiled", "text_encoder_1",
+                                                      "text_encoder_2"]
+    for row in c["rows"]:
+        assert COMPONENT <= row.keys()
+        # the same weights and inputs give the same outputs: the comparison is like for like (fp32)
+        assert row["max_abs_diff"] <= 1e-4 * row["output_scale"], row["component"]
+
+    m = r["memory_model"]
+    assert {"activation_profile", "weights_bytes", "predictions", "plans", "assumptions"} <= m.keys()
+    assert m["predictions"][0]["size"] == 512 and len(m["predictions"][0]["scales"]) == 2
+    impossible, fits = [p for p in m["plans"] if not p["offload"]]
+    assert "needs at least" in impossible["error"]
+    assert fits["holds"] and fits["view_batch_size"] >= 1
+
+    with Image.open(png_path) as im:
+        assert im.format == "PNG" and im.size[0] > 0
