@@ -5,7 +5,8 @@ The checkpoint has the real file's keys, shapes and dtypes (2515 tensors, ~6.9 G
 loading cost does not depend on them. It is written once, streamed tensor by tensor (never whole in memory),
 and reused. Each load runs in a fresh process (`python -m bench.loading FILE`), so its peak resident set is
 its own: a sampler thread splits it into anonymous memory (tensors) and file-backed pages (the mmap of the
-checkpoint counted in the resident set), and ru_maxrss gives the kernel's own all-time peak. "Cold" loads
+checkpoint counted in the resident set), and ru_maxrss gives the kernel's own all-time peak. glibc keeps its
+default settings here (unlike `python -m bench`, see measure.py): this is the peak a user's process sees. "Cold" loads
 first evict the file from the page cache (posix_fadvise DONTNEED on that file only).
 """
 from __future__ import annotations

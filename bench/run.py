@@ -24,7 +24,7 @@ from minifusion.checkpoint import inspect_checkpoint
 from minifusion.pipeline import default_device, default_dtype
 
 from . import chart, components, generation, loading
-from .measure import machine, peak_tflops
+from .measure import fix_mmap_threshold, machine, peak_tflops
 from .models import CONFIGS, make_pipeline
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -151,6 +151,7 @@ def memory_section(cfgs, sizes: list[int], budgets: list[float], dtype: torch.dt
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    mmap_threshold = fix_mmap_threshold()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device) if args.device else default_device()
@@ -163,7 +164,8 @@ def main(argv=None) -> int:
                            "height": height, "width": width, "steps": args.steps, "view_batch": args.view_batch,
                            "dtype": str(dtype).replace("torch.", ""), "device": str(device), "seed": args.seed,
                            "tiled_decode": args.tiled_decode, "threads": torch.get_num_threads(),
-                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "argv": sys.argv[1:]},
+                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                           "malloc_mmap_threshold_bytes": mmap_threshold, "argv": sys.argv[1:]},
               "machine": machine(device), "device": str(device), "torch": torch.__version__,
               "dtype": str(dtype).replace("torch.", "")}
     print(f"minifusion bench: {model} on {device} ({result['dtype']}), {width}x{height}, {args.steps} steps, "

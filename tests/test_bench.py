@@ -11,7 +11,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 SETTINGS = {"model", "weights", "height", "width", "steps", "view_batch", "dtype", "device", "seed", "tiled_decode",
-            "threads", "omp_wait_policy", "argv"}
+            "threads", "omp_wait_policy", "malloc_mmap_threshold_bytes", "argv"}
 MACHINE = {"platform", "python", "torch", "cpu", "cpu_count", "torch_threads", "cpu_capability", "memory_bytes",
            "load_average"}
 SCALE = {"scale", "latent_size", "image_size", "unet_evaluations", "unet_calls", "windows", "dilated_views",
