@@ -70,7 +70,8 @@ def run(pipe: Pipeline, height: int, width: int, steps: int, view_batch_size: in
                    "windows": st["windows"], "dilated_views": st["dilated_views"],
                    "denoise_seconds": st["denoise_seconds"],
                    "seconds_per_unet_evaluation": st["denoise_seconds"] / st["unet_evaluations"],
-                   "decode_seconds": phase["decode_seconds"], "seconds": st["denoise_seconds"] + phase["decode_seconds"],
+                   "decode_seconds": phase["decode_seconds"],
+                   "seconds": st["denoise_seconds"] + phase["decode_seconds"],
                    "denoise_memory": phase["denoise_memory"], "decode_memory": phase["decode_memory"],
                    "unet_flops": flops, "decode_flops": dec_flops,
                    "denoise_tflops_per_second": flops / st["denoise_seconds"] / 1e12}

@@ -111,7 +111,3 @@ def reference_twins(models: dict[str, nn.Module]) -> dict[str, nn.Module]:
                 "text_encoder_2": transformers_text}
     return {c: builders[c](m) for c, m in models.items()}
 
-
-def parameter_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-

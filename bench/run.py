@@ -122,7 +122,8 @@ def memory_section(cfgs, sizes: list[int], budgets: list[float], dtype: torch.dt
     print(f"\nmemory model ({out['dtype']}, CUDA, predicted): weights "
           + ", ".join(f"{k} {_gib(v)} GiB" for k, v in out["weights_bytes"].items()))
     p = out["activation_profile"]
-    print(f"UNet activations per call: {p['fixed']} B + n x ({p['per_sample']} B + {p['per_sample_pixel']:.0f} B x h x w)")
+    print(f"UNet activations per call: {p['fixed']} B + n x ({p['per_sample']} B + {p['per_sample_pixel']:.0f} B "
+          "x h x w)")
     for size in sizes:
         rows = memory.predict(cfgs, size, size, dtype)
         need = memory.required_bytes(max(r["peak_bytes"] for r in rows))
@@ -209,7 +210,8 @@ def main(argv=None) -> int:
         result["overhead"] = o
         frac = f"{o['non_unet_fraction']:.2%}" if "non_unet_fraction" in o else "-"
         real_ms = f"{o['real_step_seconds'] * 1e3:.1f} ms" if "real_step_seconds" in o else "(no real step timed)"
-        print(f"\nnon-UNet work of one step at the last scale ({width}x{height}): {o['noop_step_seconds'] * 1e3:.1f} ms "
+        print(f"\nnon-UNet work of one step at the last scale ({width}x{height}): "
+              f"{o['noop_step_seconds'] * 1e3:.1f} ms "
               f"({o['non_unet_ops_per_step']} ops) of {real_ms} -> {frac}")
         lap("overhead")
     del pipe
@@ -226,7 +228,8 @@ def main(argv=None) -> int:
         for r in result["loading"]["loads"]:
             print(f"  -> {r['dtype']:>9} {'cold' if r['cold'] else 'warm'}: {r['seconds']:.1f} s, peak RSS growth "
                   f"{r['peak_rss_growth_bytes'] / 1e9:.2f} GB = {r['peak_rss_over_file']:.2f} x file "
-                  f"({'meets' if r['target_met'] else 'MISSES'} <= 1.3), anon {r['peak_anon_growth_bytes'] / 1e9:.2f} GB")
+                  f"({'meets' if r['target_met'] else 'MISSES'} <= 1.3), "
+                  f"anon {r['peak_anon_growth_bytes'] / 1e9:.2f} GB")
         lap("loading")
 
     sizes = [int(s) for s in args.predict_sizes.split(",") if s]

@@ -51,7 +51,8 @@ def test_denoising_peak_matches_a_cpu_run(models):
     """The sampler with the real UNet on the CPU, every tensor it allocates tracked, against the prediction of the
     scale's peak over the resident weights (within 10%)."""
     g = torch.Generator().manual_seed(0)
-    cond = Cond(torch.randn(2, 77, TINY.unet.context_dim, generator=g), torch.randn(2, TINY.unet.pooled_dim, generator=g))
+    cond = Cond(torch.randn(2, 77, TINY.unet.context_dim, generator=g),
+                torch.randn(2, TINY.unet.pooled_dim, generator=g))
     peaks = []
     tracker = MemoryTracker()
     with tracker:
