@@ -21,7 +21,7 @@ import torch
 
 from minifusion import memory
 from minifusion.checkpoint import inspect_checkpoint
-from minifusion.pipeline import default_device, default_dtype
+from minifusion.pipeline import default_device, default_dtype, resident
 
 from . import chart, components, generation, loading
 from .measure import fix_mmap_threshold, machine, peak_tflops
@@ -119,33 +119,39 @@ def memory_section(cfgs, sizes: list[int], budgets: list[float], dtype: torch.dt
            "activation_profile": vars(memory.activation_profile(cfgs.unet, dtype)),
            "weights_bytes": memory.weights_bytes(cfgs, dtype), "predictions": [], "plans": []}
     base = cfgs.unet.sample_size * 8
-    print(f"\nmemory model ({out['dtype']}, CUDA, predicted): weights "
+    print(f"\nmemory model ({out['dtype']}, CUDA, predicted; text encoders wait on the host): weights "
           + ", ".join(f"{k} {_gib(v)} GiB" for k, v in out["weights_bytes"].items()))
     p = out["activation_profile"]
     print(f"UNet activations per call: {p['fixed']} B + n x ({p['per_sample']} B + {p['per_sample_pixel']:.0f} B "
           "x h x w)")
+    on_gpu = resident(torch.device("cuda"))
+    out["resident_on_gpu"] = list(on_gpu)
     for size in sizes:
-        rows = memory.predict(cfgs, size, size, dtype)
-        need = memory.required_bytes(max(r["peak_bytes"] for r in rows))
+        rows = memory.predict(cfgs, size, size, dtype, resident=on_gpu)
+        need = max(memory.needs(rows))
         out["predictions"].append({"size": size, "view_batch_size": 16, "decode_tile": 256, "scales": rows,
                                    "required_bytes": need})
         print(f"{size}x{size} (view batch 16, tile 256): " + "; ".join(
             f"x{r['scale']} denoise {_gib(r['denoise_bytes'])} decode {_gib(r['decode_bytes'])} "
             f"(host {_gib(r['host_decode_bytes'])})" for r in rows) + f" GiB -> needs {_gib(need)} GiB")
-    size = max(sizes) if sizes else 4 * base
-    for budget in budgets:
-        for offload in (False, True):
-            entry = {"budget_gib": budget, "size": size, "offload": offload}
+    print("budgets (" + ", ".join(on_gpu) + " kept on the GPU as minifusion.load does, unless only taking turns "
+          "fits):")
+    for size in sizes or [4 * base]:
+        for budget in budgets:
+            entry = {"budget_gib": budget, "size": size}
             try:
-                vb, tile = memory.plan(int(budget * GiB), cfgs, size, size, dtype, offload=offload)
-                rows = memory.predict(cfgs, size, size, dtype, vb, tile, offload=offload)
-                need = memory.required_bytes(max(r["peak_bytes"] for r in rows))
-                entry.update(view_batch_size=vb, decode_tile=tile, required_bytes=need, holds=need <= budget * GiB)
-                print(f"budget {budget:g} GiB, {size}x{size}, offload {offload}: view_batch_size {vb}, decode tile "
-                      f"{tile} -> needs {_gib(need)} GiB ({'holds' if entry['holds'] else 'EXCEEDS'})")
+                vb, tile, kept = memory.plan(int(budget * GiB), cfgs, size, size, dtype, resident=on_gpu,
+                                             may_offload=True)
+                rows = memory.predict(cfgs, size, size, dtype, vb, tile, resident=kept)
+                need = max(memory.needs(rows))
+                entry.update(view_batch_size=vb, decode_tile=tile, resident=list(kept), required_bytes=need,
+                             holds=need <= budget * GiB)
+                print(f"  {budget:g} GiB, {size}x{size}: view_batch_size {vb}, decode tile {tile}"
+                      + ("" if kept else ", UNet and VAE take turns") + f" -> needs {_gib(need)} GiB "
+                      f"({'holds' if entry['holds'] else 'EXCEEDS'})")
             except ValueError as e:
                 entry["error"] = str(e)
-                print(f"budget {budget:g} GiB, offload {offload}: {e}")
+                print(f"  {budget:g} GiB: {e}")
             out["plans"].append(entry)
     return out
 

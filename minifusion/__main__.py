@@ -26,9 +26,10 @@ from .checkpoint import CheckpointError, inspect_checkpoint
 from .encode import base_scale_size, open_image
 from .files import LatentFileError, SavedScale, atomic_write, latent_path, load_latents, save_latents
 from .demofusion import is_out_of_memory, scale_sizes
-from .pipeline import DEFAULT_WEIGHTS, NonFiniteError, check_request, default_device, default_dtype, load
+from .pipeline import DEFAULT_WEIGHTS, NonFiniteError, check_request, default_device, default_dtype, load, resident
 from .schedulers import SCHEDULERS
 
+log = logging.getLogger("minifusion")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 METADATA_KEY = "minifusion"
 # the settings a PNG records, CLI flag -> generate() argument
@@ -36,10 +37,10 @@ SETTINGS = {"prompt": "prompt", "negative": "negative_prompt", "height": "height
             "steps": "num_inference_steps", "guidance": "guidance_scale", "seed": "seed",
             "scheduler": "scheduler", "stride": "stride", "view_batch": "view_batch_size",
             "c1": "cosine_scale_1", "c2": "cosine_scale_2", "c3": "cosine_scale_3", "sigma": "sigma",
-            "tiled_decode": "multi_decoder", "jitter": "jitter", "image": "image"}
+            "tiled_decode": "multi_decoder", "jitter": "jitter", "image": "image", "max_memory": "max_memory"}
 DEFAULTS = {"negative": None, "height": None, "width": None, "steps": 50, "guidance": 7.5, "seed": 0,
-            "scheduler": "ddim", "stride": None, "view_batch": 16, "c1": 3.0, "c2": 1.0, "c3": 1.0,
-            "sigma": 0.8, "tiled_decode": True, "jitter": True, "image": None}
+            "scheduler": "ddim", "stride": None, "view_batch": None, "c1": 3.0, "c2": 1.0, "c3": 1.0,
+            "sigma": 0.8, "tiled_decode": True, "jitter": True, "image": None, "max_memory": None}
 CHECKED = ("height", "width", "num_inference_steps", "guidance_scale", "view_batch_size", "stride", "cosine_scale_1",
            "cosine_scale_2", "cosine_scale_3", "sigma", "scheduler")  # what check_request validates
 
@@ -64,7 +65,11 @@ def parse_args(argv):
     ap.add_argument("--scheduler", choices=list(SCHEDULERS), help="default ddim")
     ap.add_argument("--stride", type=int, help="local window stride in latents (default: half the window, 64 for SDXL)")
     ap.add_argument("--view-batch", type=int, dest="view_batch",
-                    help="views per UNet call (default 16); lower it if memory runs out")
+                    help="views per UNet call (default 16, or the most --max-memory allows); lower it if memory "
+                    "runs out")
+    ap.add_argument("--max-memory", type=memory_size, dest="max_memory", metavar="SIZE",
+                    help="a device memory budget, e.g. 8 (GiB), 12GiB, 500MiB: picks --view-batch and the decode "
+                    "tile to stay under it (predicted by minifusion/memory.py)")
     ap.add_argument("--c1", type=float, help="cosine_scale_1, skip-residual decay (default 3)")
     ap.add_argument("--c2", type=float, help="cosine_scale_2, dilated-sampling weight decay (default 1)")
     ap.add_argument("--c3", type=float, help="cosine_scale_3, Gaussian blur decay (default 1)")
@@ -84,6 +89,13 @@ def parse_args(argv):
     ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
     ap.add_argument("--force", action="store_true", help="run even when the size looks too large for the device")
     return ap.parse_args(argv)
+
+
+def memory_size(text: str) -> int:
+    try:
+        return memory.parse_size(text, unit=memory.GiB)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def resolve_settings(args, resume: SavedScale | None = None) -> dict:
@@ -181,7 +193,7 @@ def plan(args) -> Plan:
     settings["stride"] = settings["stride"] or window // 2
     kwargs = {SETTINGS[k]: v for k, v in settings.items() if k != "prompt"}
     try:
-        check_request(base, window, **{k: kwargs[k] for k in CHECKED})
+        check_request(base, window, **{k: kwargs[k] for k in CHECKED if kwargs[k] is not None})
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -206,6 +218,8 @@ def plan(args) -> Plan:
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
     if not args.force:
         check_fits(cfgs, settings, device, dtype)
+    if settings["max_memory"] is not None:
+        plan_memory(cfgs, settings, device, dtype)
     return Plan(device, dtype, settings, kwargs, paths, first, resume)
 
 
@@ -225,13 +239,34 @@ def check_fits(cfgs, settings: dict, device: torch.device, dtype: torch.dtype) -
         return
     est = memory.estimate(cfgs, settings["height"], settings["width"], settings["steps"], view_batch_size=1,
                           dtype=dtype, decode_tile=memory.DECODE_TILES[-1], stride=settings["stride"],
-                          offload=device.type == "cuda")
-    need = memory.required_bytes(est["peak_bytes"], device.type)
+                          resident=resident(device))
+    need = max(memory.needs(est["scales"], device.type))
     if need > have:
         raise UserError(f"{settings['width']}x{settings['height']} needs about {need / 2**30:.1f} GiB even with "
                         f"--view-batch 1, but {device} has {have / 2**30:.1f} GiB; it would also take "
                         f"{est['unet_evals']} UNet evaluations ({est['flops'] / 1e15:.1f} PFLOP). Choose a smaller "
                         "size, or pass --force to try anyway")
+
+
+def plan_memory(cfgs, settings: dict, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse a --max-memory nothing fits in, before loading; say what it chose."""
+    budget = settings["max_memory"]
+    have = device_memory(device)
+    if have is not None and budget > have:
+        log.warning("--max-memory %.1f GiB is more than %s has (%.1f GiB)", budget / memory.GiB, device,
+                    have / memory.GiB)
+    tiles = ((None,) if not settings["tiled_decode"] else ()) + memory.DECODE_TILES
+    try:
+        vb, tile, kept = memory.plan(budget, cfgs, settings["height"], settings["width"], dtype, device.type,
+                                     settings["stride"], resident(device), may_offload=device.type != "cpu",
+                                     decode_tiles=tiles)
+    except ValueError as e:
+        raise UserError(f"--max-memory: {e}; raise it or choose a smaller --height/--width") from None
+    if settings["view_batch"] is not None:
+        vb = min(vb, settings["view_batch"])
+    print(f"within {budget / memory.GiB:.2f} GiB: {vb} view(s) per UNet call, decode "
+          + (f"in {tile} px tiles" if tile else "in one piece")
+          + ("" if kept else "; the UNet and the VAE take turns on the device"), file=sys.stderr)
 
 
 def run(argv=None) -> int:

@@ -101,7 +101,8 @@ class _Stages:
             # is the conv's zero padding; tiles in output space so a strided conv reads exactly its own inputs
             r0, r1, c0, c1 = y0 * st - lo, (y1 - 1) * st - lo + k, x0 * st - lo, (x1 - 1) * st - lo + k
             a0, a1, b0, b1 = max(r0, 0), min(r1, Hi), max(c0, 0), min(c1, Wi)
-            t = x.data[:, :, a0 // u:-(-a1 // u), b0 // u:-(-b1 // u)].to(self.device)
+            # always a copy, as it is from host storage to a GPU: the same allocations on every device
+            t = x.data[:, :, a0 // u:-(-a1 // u), b0 // u:-(-b1 // u)].to(self.device, copy=True)
             if before is not None:
                 t = before(t)
             if norm is not None:
@@ -113,10 +114,11 @@ class _Stages:
             if after is not None:
                 y = after(y)
             if residual is not None:
-                y = y + shortcut(residual.data[:, :, y0:y1, x0:x1].to(self.device))
+                y = y + shortcut(residual.data[:, :, y0:y1, x0:x1].to(self.device, copy=True))
             out.data[:, :, y0:y1, x0:x1] = y
             if moments:
                 out.moments = out.moments + self._moments(y)
+            del t, y  # not alive while the next tile is fetched: the working set is one tile's, as memory.py assumes
             self.step()
         return out
 
@@ -133,18 +135,22 @@ class _Stages:
             return out
 
         def normed(y0, y1, x0, x1):
-            t = x.data[:, :, y0:y1, x0:x1].to(self.device)
+            t = x.data[:, :, y0:y1, x0:x1].to(self.device, copy=True)
             return t, self._norm(t, x, attn.norm)
 
-        # keys and values of every latent pixel; their order is irrelevant to softmax attention
-        ks, vs = [], []
+        # keys and values of every latent pixel, written in place (their order is irrelevant to softmax
+        # attention); (B, 1, N, C), contiguous as fused SDPA needs
+        k, v = (torch.empty_strided((B, 1, H * W, C), (H * W * C, H * W * C, C, 1), device=self.device,
+                                    dtype=self.dtype) for _ in range(2))
+        n = 0
         for box in tiles:
             _, h = normed(*box)
-            ks.append(attn.k(h).flatten(2).transpose(1, 2))
-            vs.append(attn.v(h).flatten(2).transpose(1, 2))
+            m = h.shape[-2] * h.shape[-1]
+            k[:, 0, n:n + m] = attn.k(h).flatten(2).transpose(1, 2)
+            v[:, 0, n:n + m] = attn.v(h).flatten(2).transpose(1, 2)
+            n += m
+            del h
             self.step()
-        k, v = (torch.cat(p, dim=1)[:, None] for p in (ks, vs))  # (B, 1, N, C), contiguous as fused SDPA needs
-        del ks, vs
         for y0, y1, x0, x1 in tiles:
             t, h = normed(y0, y1, x0, x1)
             q = attn.q(h).flatten(2).transpose(1, 2).contiguous()[:, None]
@@ -152,6 +158,7 @@ class _Stages:
             y = t + attn.proj_out(o)
             out.data[:, :, y0:y1, x0:x1] = y
             out.moments = out.moments + self._moments(y)
+            del t, h, q, o, y
             self.step()
         return out
 

@@ -2,7 +2,8 @@
 
 Where the bytes go, per scale:
 
-    weights     all four networks (as minifusion.load leaves them) or, offloading, only the one running
+    weights     the networks resident on the device (minifusion.load: all four on a CPU; the UNet and the
+                VAE on a GPU, where the text encoders wait in host memory) plus the one running
     denoising   max over UNet calls of  sampler state alive at the call + UNet activations of the call
                 UNet activations of n samples at h x w latents = fixed + n * (per_sample + per_sample_pixel * h * w)
                 (a call is 2 x min(view_batch_size, views left) samples: every view twice for CFG)
@@ -24,9 +25,13 @@ request (UNet evaluations, FLOPs, peak bytes, and seconds from a measured second
 """
 from __future__ import annotations
 
+import math
+import re
 import weakref
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +49,7 @@ from .models.vae import VAE
 GiB = 1 << 30
 FRAGMENTATION = 0.10  # caching-allocator rounding and fragmentation, as a fraction of live tensor bytes
 CUDA_CONTEXT_BYTES = GiB // 2  # CUDA context and loaded kernel images: device memory outside torch's count
+COMPONENTS = ("unet", "vae", "text_encoder_1", "text_encoder_2")
 VIEW_BATCHES = (64, 32, 16, 8, 4, 2, 1)
 DECODE_TILES = (1024, 512, 384, 256, 192, 128, 96, 64)
 
@@ -245,8 +251,7 @@ def decode_bytes(cfg: VAEConfig, h: int, w: int, dtype: torch.dtype, tile: int |
     A tiled decode's device working set depends on the tile, not the image, except for the mid attention's keys
     and values over the whole latent map. So it is measured at latents no larger than the tile (where every
     stage already works on tiles at least as large as the real ones) and the keys and values are scaled up to
-    the real map, counted twice as they are while decode.py concatenates them: an upper bound (SDXL's VAE in
-    fp32 at 4096^2, tile 256: 2.38 GiB against 2.13 GiB from a full-size run). The host holds full feature maps
+    the real map: exact when the peak is the attention stage, an upper bound otherwise. The host holds full feature maps
     (a ResnetBlock's input, middle and output at once): scaled by area from the same run, exact."""
     if tile is None:
         device, host = _decode_sim(cfg, h, w, dtype, None)
@@ -255,23 +260,23 @@ def decode_bytes(cfg: VAEConfig, h: int, w: int, dtype: torch.dtype, tile: int |
     tile = min(tile, scale * max(h, w))  # a tile covering the largest map: every larger one decodes alike
     sh, sw = min(h, tile), min(w, tile)
     device, host = _decode_sim(cfg, sh, sw, dtype, tile)
-    # twice: while decode.py concatenates them, the per-tile pieces and the whole keys and values are all alive
-    device += 2 * (_kv_bytes(cfg, h, w, dtype) - _kv_bytes(cfg, sh, sw, dtype))
+    device += _kv_bytes(cfg, h, w, dtype) - _kv_bytes(cfg, sh, sw, dtype)
     return {"device": device, "host": int(host * (h * w) / (sh * sw))}
 
 
 # ---------------------------------------------------------------------------------------------------------
 
 def predict(cfgs: Configs, height: int, width: int, dtype: torch.dtype = torch.float16, view_batch_size: int = 16,
-            decode_tile: int | None = 256, stride: int | None = None, offload: bool = False) -> list[dict]:
+            decode_tile: int | None = 256, stride: int | None = None, resident: Collection[str] = COMPONENTS
+            ) -> list[dict]:
     """Predicted peak live tensor bytes on the compute device per scale (base scale first), denoising and decoding
-    apart: what torch.cuda.max_memory_allocated reports for each. offload=False: all four networks stay on the
-    device (as minifusion.load leaves them); True: each is there only while it runs (text encoders while
-    encoding, the UNet while denoising, the VAE while decoding)."""
+    apart: what torch.cuda.max_memory_allocated reports for each. `resident`: the networks that stay on the device
+    throughout (default all four; () when each visits the device only while it runs)."""
     stride = stride or cfgs.unet.sample_size // 2
     wb = weights_bytes(cfgs, dtype)
-    every = sum(wb.values())
-    during_denoise, during_decode = (wb["unet"], wb["vae"]) if offload else (every, every)
+    kept = sum(wb[c] for c in set(resident))
+    during_denoise = kept + (0 if "unet" in resident else wb["unet"])
+    during_decode = kept + (0 if "vae" in resident else wb["vae"])
     profile = activation_profile(cfgs.unet, dtype)
     calls = sampler_calls(cfgs.unet, height, width, view_batch_size, stride, dtype)
     sizes = scale_sizes(height, width, cfgs.unet.sample_size * 8)
@@ -293,27 +298,61 @@ def required_bytes(peak_bytes: int, device_type: str = "cuda") -> int:
     return int(peak_bytes * (1 + FRAGMENTATION)) + CUDA_CONTEXT_BYTES
 
 
-def plan(max_memory_bytes: int, cfgs: Configs, height: int, width: int, dtype: torch.dtype = torch.float16,
-         device_type: str = "cuda", stride: int | None = None, offload: bool = False,
-         view_batch_sizes=VIEW_BATCHES, decode_tiles=DECODE_TILES) -> tuple[int, int]:
-    """(view_batch_size, decode_tile): the largest of each whose predicted need (`required_bytes`) stays within
-    max_memory_bytes. Denoising and decoding never overlap, so each is chosen on its own. ValueError, naming the
-    least memory that would do, when even the smallest view batch or tile does not fit."""
-    def need(vb, tile):
-        rows = predict(cfgs, height, width, dtype, vb, tile, stride, offload)
-        return (required_bytes(max(r["denoise_bytes"] for r in rows), device_type),
-                required_bytes(max(r["decode_bytes"] for r in rows), device_type))
+def needs(rows: list[dict], device_type: str = "cuda") -> tuple[int, int]:
+    """(denoising, decoding) memory `predict`'s rows need on a device of that type. Off CUDA the decode's full
+    feature maps (host bytes) live in the same memory as everything else, so they count too."""
+    host = 0 if device_type == "cuda" else max(r["host_decode_bytes"] for r in rows)
+    return (required_bytes(max(r["denoise_bytes"] for r in rows), device_type),
+            required_bytes(max(r["decode_bytes"] for r in rows) + host, device_type))
 
-    vbs, tiles = sorted(set(view_batch_sizes), reverse=True), sorted(set(decode_tiles), reverse=True)
-    least = max(need(vbs[-1], tiles[-1]))
-    if least > max_memory_bytes:
-        hint = "" if offload else "; offloading idle networks would need less"
-        raise ValueError(f"{width}x{height} does not fit in {max_memory_bytes / GiB:.2f} GiB of {device_type} memory "
-                         f"even with view_batch_size {vbs[-1]} and decode tile {tiles[-1]}: it needs at least "
-                         f"{least / GiB:.2f} GiB{hint}")
-    vb = next(v for v in vbs if need(v, tiles[-1])[0] <= max_memory_bytes)
-    tile = next(t for t in tiles if need(vbs[-1], t)[1] <= max_memory_bytes)
-    return vb, tile
+
+class MemoryPlan(NamedTuple):
+    view_batch_size: int
+    decode_tile: int | None  # None: decode in one piece
+    resident: tuple[str, ...]  # the networks kept on the device throughout; the others visit it only to run
+
+
+def plan(max_memory_bytes: int, cfgs: Configs, height: int, width: int, dtype: torch.dtype = torch.float16,
+         device_type: str = "cuda", stride: int | None = None, resident: Collection[str] = COMPONENTS,
+         may_offload: bool = False, view_batch_sizes=VIEW_BATCHES, decode_tiles=DECODE_TILES) -> MemoryPlan:
+    """The largest view_batch_size and decode tile whose predicted need (`needs`) stays within max_memory_bytes,
+    each chosen on its own as denoising and decoding never overlap (a tile of None, an untiled decode, counts
+    as larger than any). With `resident` kept on the device; if nothing fits that way and `may_offload`, with
+    each network on the device only while it runs (the UNet's weights leave for the decode). ValueError, naming
+    the least memory that would do, when even the smallest view batch and tile do not fit."""
+    vbs = sorted(set(view_batch_sizes), reverse=True)
+    tiles = sorted(set(decode_tiles), key=lambda t: -math.inf if t is None else -t)
+    for kept in (tuple(resident), ()) if may_offload and resident else (tuple(resident),):
+        def need(vb, tile):
+            return needs(predict(cfgs, height, width, dtype, vb, tile, stride, kept), device_type)
+
+        least = max(need(vbs[-1], tiles[-1]))
+        if least <= max_memory_bytes:
+            vb = next(v for v in vbs if need(v, tiles[-1])[0] <= max_memory_bytes)
+            tile = next(t for t in tiles if need(vbs[-1], t)[1] <= max_memory_bytes)
+            return MemoryPlan(vb, tile, kept)
+    hint = "; keeping idle networks off the device would need less" if kept else ""
+    raise ValueError(f"{width}x{height} does not fit in {max_memory_bytes / GiB:.2f} GiB of {device_type} memory "
+                     f"even with view_batch_size {vbs[-1]} and decode tile {tiles[-1]}: it needs at least "
+                     f"{least / GiB:.2f} GiB{hint}")
+
+
+def parse_size(text: str | int | float, unit: int = 1) -> int:
+    """Bytes from 8589934592, "8GiB", "8 GB", "512MiB" or, with unit=GiB, a plain 8 or "8". Binary units
+    throughout (GB is read as GiB, as memory is sold). ValueError if it is not a positive size."""
+    units = {"": unit, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+             "mib": 1 << 20, "g": GiB, "gb": GiB, "gib": GiB, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        number, suffix = float(text), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
+        if m is None or m.group(2) not in units:
+            raise ValueError(f"{text!r} is not a memory size; write e.g. 8GiB, 12 GB or 512MiB")
+        number, suffix = float(m.group(1)), m.group(2)
+    size = number * units[suffix]
+    if not math.isfinite(size) or size < 1:
+        raise ValueError(f"{text!r} is not a memory size; it must be positive, e.g. 8GiB")
+    return int(size)
 
 
 @lru_cache(maxsize=64)
@@ -341,7 +380,7 @@ def unet_views(cfg: UNetConfig, height: int, width: int, stride: int | None = No
 
 def estimate(cfgs: Configs, height: int, width: int, steps: int = 50, view_batch_size: int = 16,
              dtype: torch.dtype = torch.float16, decode_tile: int | None = 256, stride: int | None = None,
-             seconds_per_unet_eval: float | None = None, offload: bool = False) -> dict:
+             seconds_per_unet_eval: float | None = None, resident: Collection[str] = COMPONENTS) -> dict:
     """The cost of a request before running it: peak bytes (max over scales), UNet evaluations, FLOPs (UNet
     plus one decode per scale) and, given a measured seconds per UNet evaluation at the native window size,
     seconds of the UNet evaluations (bench/ measures what the rest of a step adds)."""
@@ -352,7 +391,7 @@ def estimate(cfgs: Configs, height: int, width: int, steps: int = 50, view_batch
             flops += 2 * n * steps * unet_flops(cfgs.unet, h, w)
     for h, w in scale_sizes(height, width, cfgs.unet.sample_size * 8):
         flops += decode_flops(cfgs.vae, (1, cfgs.vae.latent_channels, h, w))
-    rows = predict(cfgs, height, width, dtype, view_batch_size, decode_tile, stride, offload)
+    rows = predict(cfgs, height, width, dtype, view_batch_size, decode_tile, stride, resident)
     out = {"peak_bytes": max(r["peak_bytes"] for r in rows), "unet_evals": evals, "flops": flops, "scales": rows}
     if seconds_per_unet_eval is not None:
         out["seconds"] = evals * seconds_per_unet_eval

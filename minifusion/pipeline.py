@@ -7,15 +7,16 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator
 
 import torch
 from PIL import Image
 
+from . import memory
 from .checkpoint import Configs, load_components
 from .decode import decode_tiled
 from .encode import base_scale_size, encode_tiled, load_image, open_image, sample_latents
-from .demofusion import Cond, Resume, demofusion, is_out_of_memory
+from .demofusion import Cond, Resume, demofusion, is_out_of_memory, scale_sizes
 from .files import SavedScale
 from .schedulers import SCHEDULERS
 from .tokenizer import Tokenizer
@@ -47,11 +48,20 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     # SDXL's VAE overflows in fp16 (the reason for diffusers' force_upcast), so it runs in fp32 then
     vae_dtype = torch.float32 if dtype == torch.float16 else dtype
     dtypes = {"unet": dtype, "vae": vae_dtype, "text_encoder_1": dtype, "text_encoder_2": dtype}
-    # on a GPU the text encoders (1.6 GB in fp16) wait in host memory and visit the GPU only to encode
-    text_device = torch.device("cpu") if device.type == "cuda" else device
-    devices = {"unet": device, "vae": device, "text_encoder_1": text_device, "text_encoder_2": text_device}
-    models, cfgs, metadata = load_components(path if path is not None else DEFAULT_WEIGHTS, devices, dtypes)
+    models, cfgs, metadata = load_components(path if path is not None else DEFAULT_WEIGHTS, placement(device), dtypes)
     return Pipeline(models, cfgs, device, dtype, metadata)
+
+
+def placement(device: torch.device) -> dict[str, torch.device]:
+    """Where `load` keeps each network. On a GPU the text encoders (1.6 GB in fp16) wait in host memory and
+    visit the GPU only to encode; the UNet and the VAE stay."""
+    text_device = torch.device("cpu") if device.type == "cuda" else device
+    return {"unet": device, "vae": device, "text_encoder_1": text_device, "text_encoder_2": text_device}
+
+
+def resident(device: torch.device) -> tuple[str, ...]:
+    """The networks `load` keeps on the compute device: what the memory model counts as always there."""
+    return tuple(c for c, d in placement(device).items() if d == device)
 
 
 def check_request(base: int, window: int, height: int, width: int, num_inference_steps: int = 50,
@@ -110,6 +120,8 @@ class Pipeline:
         self.device = device
         self.dtype = dtype
         self.metadata = metadata or {}
+        self.host = torch.device("cpu")  # where idle networks wait when a memory budget needs them off the device
+        self._where: dict[str, torch.device] = {}  # where _place moved a network; absent: where load left it
 
     @property
     def base_size(self) -> int:
@@ -152,14 +164,14 @@ class Pipeline:
     @torch.no_grad()
     def iter_generate(self, prompt: str, negative_prompt: str | None = None, height: int | None = None,
                       width: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                      seed: int | None = 0, view_batch_size: int = 16, stride: int | None = None,
+                      seed: int | None = 0, view_batch_size: int | None = None, stride: int | None = None,
                       cosine_scale_1: float = 3.0, cosine_scale_2: float = 1.0, cosine_scale_3: float = 1.0,
                       sigma: float = 0.8, multi_decoder: bool = True, jitter: bool = True,
                       latents: torch.Tensor | None = None, noise: list[torch.Tensor] | None = None,
                       scheduler: str = "ddim", callback: Callable[[int, int, int, int], None] | None = None,
                       decode_progress: bool | Callable[[int, int], None] | None = None,
-                      resume: SavedScale | None = None,
-                      image: Image.Image | str | Path | None = None) -> Iterator["Scale"]:
+                      resume: SavedScale | None = None, image: Image.Image | str | Path | None = None,
+                      max_memory: int | str | None = None) -> Iterator["Scale"]:
         """Yield each scale as soon as it is decoded (base scale first). Arguments as `generate`."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be text, not {type(prompt).__name__}")
@@ -174,63 +186,86 @@ class Pipeline:
         width = self.base_size * 2 if width is None else width
         stride = self.configs.unet.sample_size // 2 if stride is None else stride  # 64 for SDXL
         check_request(self.base_size, self.configs.unet.sample_size, height, width, num_inference_steps,
-                      guidance_scale, view_batch_size, stride, cosine_scale_1, cosine_scale_2, cosine_scale_3,
-                      sigma, scheduler)
-        context, pooled = self.encode_prompt(prompt, negative_prompt)
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        start_from = None
-        if image is not None:
-            # image-to-image: the picture, encoded at phase 1's size, replaces phase 1
-            z = self.encode_image(image, height, width, generator)
-            start_from = Resume(1, z, z.mean().item(), z.std().item())
-            yield Scale(1, self.decode(z, tiled=multi_decoder, progress=decode_progress), z,
-                        {"scale": 1, "latent_size": tuple(z.shape[-2:]), "encoded_from_image": True},
-                        (start_from.anchor_mean, start_from.anchor_std),
-                        generator.get_state() if generator is not None else None)
-        if resume is not None:
-            start_from = Resume(resume.scale, resume.latents, resume.anchor_mean, resume.anchor_std)
-            if generator is not None and resume.generator_state is not None:
-                generator.set_state(resume.generator_state)
-        run = demofusion(self.unet, Cond(context, pooled), height=height, width=width, base_px=self.base_size,
-                         window=self.configs.unet.sample_size, steps=num_inference_steps,
-                         guidance_scale=guidance_scale, generator=generator, stride=stride,
-                         view_batch_size=view_batch_size, cosine_scale_1=cosine_scale_1,
-                         cosine_scale_2=cosine_scale_2, cosine_scale_3=cosine_scale_3, sigma=sigma, jitter=jitter,
-                         latents=latents, noise=noise, scheduler=scheduler, progress=callback, resume=start_from,
-                         on_out_of_memory=lambda n: log.warning(
-                             "out of memory: continuing with %d view(s) per UNet call (view_batch_size)", n))
-        anchor = (start_from.anchor_mean, start_from.anchor_std) if start_from else None
-        while True:
-            _reset_peak(self.device)
-            start = time.perf_counter()
-            try:
+                      guidance_scale, 16 if view_batch_size is None else view_batch_size, stride, cosine_scale_1,
+                      cosine_scale_2, cosine_scale_3, sigma, scheduler)
+        decode_tile, kept = 256 if multi_decoder else None, self.resident
+        if max_memory is not None:
+            planned = self.plan_memory(max_memory, height, width, stride, not multi_decoder)
+            decode_tile, kept = planned.decode_tile, planned.resident
+            vb = planned.view_batch_size
+            view_batch_size = vb if view_batch_size is None else min(view_batch_size, vb)
+        view_batch_size = 16 if view_batch_size is None else view_batch_size
+        try:
+            context, pooled = self.encode_prompt(prompt, negative_prompt)
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            start_from = None
+            if image is not None:
+                # image-to-image: the picture, encoded at phase 1's size, replaces phase 1
+                self._place("vae", kept)
+                z = self.encode_image(image, height, width, generator, tile=decode_tile if max_memory else None)
+                start_from = Resume(1, z, z.mean().item(), z.std().item())
+                image = self.decode(z, tiled=decode_tile is not None, tile=decode_tile, progress=decode_progress)
+                yield Scale(1, image, z, {"scale": 1, "latent_size": tuple(z.shape[-2:]), "encoded_from_image": True},
+                            (start_from.anchor_mean, start_from.anchor_std),
+                            generator.get_state() if generator is not None else None)
+            if resume is not None:
+                start_from = Resume(resume.scale, resume.latents, resume.anchor_mean, resume.anchor_std)
+                if generator is not None and resume.generator_state is not None:
+                    generator.set_state(resume.generator_state)
+            run = demofusion(self.unet, Cond(context, pooled), height=height, width=width, base_px=self.base_size,
+                             window=self.configs.unet.sample_size, steps=num_inference_steps,
+                             guidance_scale=guidance_scale, generator=generator, stride=stride,
+                             view_batch_size=view_batch_size, cosine_scale_1=cosine_scale_1,
+                             cosine_scale_2=cosine_scale_2, cosine_scale_3=cosine_scale_3, sigma=sigma, jitter=jitter,
+                             latents=latents, noise=noise, scheduler=scheduler, progress=callback, resume=start_from,
+                             on_out_of_memory=lambda n: log.warning(
+                                 "out of memory: continuing with %d view(s) per UNet call (view_batch_size)", n))
+            anchor = (start_from.anchor_mean, start_from.anchor_std) if start_from else None
+            done, last = start_from.scale if start_from else 0, len(scale_sizes(height, width, self.base_size))
+            while done < last:
+                _reset_peak(self.device)
+                start = time.perf_counter()
+                self._place("unet", kept)
                 scale = next(run)
-            except StopIteration:
-                return
-            if not torch.isfinite(scale.latents).all():
-                raise NonFiniteError(f"scale {scale.scale}'s latents contain NaN or inf: the UNet overflowed in "
-                                     f"{str(self.dtype).replace('torch.', '')}; use bfloat16 or float32")
-            if anchor is None:
-                anchor = (scale.latents.mean().item(), scale.latents.std().item())
-            denoised = time.perf_counter() - start
-            image = self.decode(scale.latents, tiled=multi_decoder, progress=decode_progress)
-            stats = {"scale": scale.scale, "latent_size": scale.stats.latent_size, "seconds": time.perf_counter() - start,
-                     "denoise_seconds": denoised, "unet_evaluations": scale.stats.unet_evals,
-                     "unet_calls": scale.stats.unet_calls, "windows": scale.stats.windows,
-                     "dilated_views": scale.stats.dilated_views, "peak_memory_bytes": _peak(self.device)}
-            state = generator.get_state() if generator is not None else None
-            yield Scale(scale.scale, image, scale.latents, stats, anchor, state)
+                done = scale.scale
+                if not torch.isfinite(scale.latents).all():
+                    raise NonFiniteError(f"scale {scale.scale}'s latents contain NaN or inf: the UNet overflowed in "
+                                         f"{str(self.dtype).replace('torch.', '')}; use bfloat16 or float32")
+                if anchor is None:
+                    anchor = (scale.latents.mean().item(), scale.latents.std().item())
+                denoised = time.perf_counter() - start
+                self._place("vae", kept)
+                image = self.decode(scale.latents, tiled=decode_tile is not None, tile=decode_tile,
+                                    progress=decode_progress)
+                stats = {"scale": scale.scale, "latent_size": scale.stats.latent_size,
+                         "seconds": time.perf_counter() - start, "denoise_seconds": denoised,
+                         "view_batch_size": view_batch_size, "decode_tile": decode_tile,
+                         "unet_evaluations": scale.stats.unet_evals, "unet_calls": scale.stats.unet_calls,
+                         "windows": scale.stats.windows,
+                         "dilated_views": scale.stats.dilated_views, "peak_memory_bytes": _peak(self.device)}
+                state = generator.get_state() if generator is not None else None
+                yield Scale(scale.scale, image, scale.latents, stats, anchor, state)
+        finally:
+            for name in ("unet", "vae"):  # back where load left them
+                self._place(name, ("unet", "vae"))
 
     def generate(self, prompt: str, **kwargs) -> "Result":
         """DemoFusion text-to-image: one image per scale, from the base size up to (height, width).
 
-        Knobs as the reference DemoFusion pipeline: view_batch_size (views per UNet call; lower it to save
-        memory), stride (local window stride in latents; default half the window, 64 for SDXL), cosine_scale_1/2/3 (skip residual, fusion and blur
-        decay), sigma (blur std), multi_decoder (tiled decode), plus jitter=False, latents (phase-1 noise)
-        and noise (one re-noising tensor per scale >= 2) to compare runs number for number. `seed` alone
+        Knobs as the reference DemoFusion pipeline: view_batch_size (views per UNet call, default 16; lower it to
+        save memory), stride (local window stride in latents; default half the window, 64 for SDXL),
+        cosine_scale_1/2/3 (skip residual, fusion and blur decay), sigma (blur std), multi_decoder (tiled
+        decode), plus jitter=False, latents (phase-1 noise) and noise (one re-noising tensor per scale >= 2) to
+        compare runs number for number. `seed` alone
         reproduces a run on the same device. callback(scale, step, steps, unet_evaluations) after each step.
         image: a picture (PIL image or path) that replaces phase 1 (image-to-image upscaling); height and
         width then default to 2 x base on its longer side and follow its aspect ratio.
+        max_memory: a budget for the compute device (bytes, or text such as "8GiB"): view_batch_size (at most
+        the one given) and the decode tile are the largest the memory model (minifusion.memory) predicts to fit,
+        the decode tiled even with multi_decoder=False when one piece would not fit. If nothing fits with the
+        UNet and the VAE both resident, each waits on the host while the other runs (the UNet's weights cross
+        to the host and back once per scale). ValueError, naming the least memory that would do, when nothing
+        fits at all. A prediction: out-of-memory recovery still stands behind it.
         """
         result = Result()
         for scale in self.iter_generate(prompt, **kwargs):
@@ -239,16 +274,45 @@ class Pipeline:
             result.stats.append(scale.stats)
         return result
 
+    @property
+    def resident(self) -> tuple[str, ...]:
+        """The networks whose weights stay on the compute device between uses."""
+        models = {"unet": self.unet, "vae": self.vae, "text_encoder_1": self.text_encoder_1,
+                  "text_encoder_2": self.text_encoder_2}
+        return tuple(c for c, m in models.items() if next(m.parameters()).device.type == self.device.type)
+
+    def plan_memory(self, max_memory: int | str, height: int, width: int, stride: int | None = None,
+                    untiled_decode: bool = False) -> memory.MemoryPlan:
+        """View batch, decode tile and the networks kept on the device for a height x width run within
+        max_memory (see `generate`)."""
+        tiles = ((None,) if untiled_decode else ()) + memory.DECODE_TILES
+        return memory.plan(memory.parse_size(max_memory), self.configs, height, width, self.dtype, self.device.type,
+                           stride, self.resident, may_offload=self.host != self.device, decode_tiles=tiles)
+
+    def _place(self, running: str, kept: Collection[str]) -> None:
+        """Before `running` ("unet" or "vae") runs: of the two, the one neither running nor kept leaves for the
+        host first, then the running one comes to the device."""
+        idle = {"unet", "vae"} - {running} - set(kept)
+        moves = [(name, self.host) for name in sorted(idle)] + [(running, self.device)]
+        for name, where in moves:
+            module = getattr(self, name)
+            if self._where.get(name, self.device) != where:
+                module.to(where)
+                self._where[name] = where
+                if where == self.host and self.device.type == "cuda":
+                    torch.cuda.empty_cache()  # its blocks back to the driver, free for other shapes
+
     @torch.no_grad()
     def encode_image(self, image: Image.Image | str | Path, height: int, width: int,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, tile: int | None = None) -> torch.Tensor:
         """The scaled latents of a picture resized to phase 1's size for a height x width run: a sample of
-        the VAE's latent distribution (as the reference does), drawn from `generator`."""
+        the VAE's latent distribution (as the reference does), drawn from `generator`. Encoded in one piece,
+        or in tiles of `tile` px (the same result, see encode.py); out of memory, in ever smaller tiles."""
         h, w = base_scale_size(*open_image(image).size, self.base_size, height, width).base
         dtype = self.vae.post_quant_conv.weight.dtype
         x = load_image(image, h, w).to(self.device, dtype)
         mean, logvar = self._fit_in_memory(
-            "encode", lambda tile: encode_tiled(self.vae, x, tile=tile) if tile else self.vae.encode(x), tile=None)
+            "encode", lambda t: encode_tiled(self.vae, x, tile=t) if t else self.vae.encode(x), tile=tile)
         z = sample_latents(mean.to(self.device), logvar.to(self.device), generator)
         return (z * self.configs.vae.scaling_factor).float()
 

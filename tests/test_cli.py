@@ -275,3 +275,31 @@ def test_force_skips_the_fit_check(tiny_file, tmp_path, capsys, monkeypatch):
     with pytest.raises(RuntimeError, match="reached loading"):
         cli.main(["a cat", "--weights", str(tiny_file), "--out", str(tmp_path / "x.png"), "--height", "2048",
                   "--width", "2048", "--force", *FAST])
+
+
+def test_max_memory_picks_view_batch_and_decode_tile(tiny_file, tmp_path, capsys):
+    out = tmp_path / "budget.png"
+    code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", out, "--height", "512", "--max-memory",
+                    "0.25", *FAST)
+    assert code == 0, err
+    cfgs = cli.inspect_checkpoint(tiny_file)
+    vb, tile, _ = cli.memory.plan(1 << 28, cfgs, 512, 512, torch.float32, "cpu", 16)
+    assert f"within 0.25 GiB: {vb} view(s) per UNet call, decode in {tile} px tiles" in err
+    meta = settings_of(out)
+    assert meta["settings"]["max_memory"] == 1 << 28
+    assert (meta["stats"]["view_batch_size"], meta["stats"]["decode_tile"]) == (vb, tile)
+    code, err = run(capsys, "--settings-from", out, "--weights", tiny_file, "--out", tmp_path / "again.png",
+                    "--device", "cpu", "--dtype", "float32")
+    assert code == 0 and list(Image.open(tmp_path / "again.png").getdata()) == list(Image.open(out).getdata())
+
+
+def test_max_memory_too_small_is_refused_before_loading(tiny_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load", lambda *a, **k: pytest.fail("loaded the model for a bad request"))
+    code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", tmp_path / "x.png", "--height", "512",
+                    "--max-memory", "10MiB", *FAST)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "--max-memory: 512x512 does not fit in 0.01 GiB" in err and "needs at least" in err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["a cat", "--out", str(tmp_path / "x.png"), "--max-memory", "lots"])
+    assert e.value.code == 2 and "not a memory size" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

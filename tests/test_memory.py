@@ -61,7 +61,7 @@ def test_denoising_peak_matches_a_cpu_run(models):
         for _ in run:
             peaks.append(tracker.peak)
             tracker.peak = tracker.live
-    rows = memory.predict(SMALL, SIZE, SIZE, F32, view_batch_size=4, offload=False)
+    rows = memory.predict(SMALL, SIZE, SIZE, F32, view_batch_size=4)
     resident = sum(memory.weights_bytes(SMALL, F32).values())
     for measured, row in zip(peaks, rows):
         predicted = row["denoise_bytes"] - resident
@@ -88,10 +88,8 @@ def test_decode_peak_matches_a_cpu_run(models, tile):
         assert tracker.peak_host <= predicted["host"] <= 1.4 * tracker.peak_host
 
 
-def _need(vb, tile, device_type, offload=False):
-    rows = memory.predict(SMALL, SIZE, SIZE, F32, vb, tile, offload=offload)
-    return (memory.required_bytes(max(r["denoise_bytes"] for r in rows), device_type),
-            memory.required_bytes(max(r["decode_bytes"] for r in rows), device_type))
+def _need(vb, tile, device_type, resident=memory.COMPONENTS):
+    return memory.needs(memory.predict(SMALL, SIZE, SIZE, F32, vb, tile, resident=resident), device_type)
 
 
 @pytest.mark.parametrize("device_type", ["cpu", "cuda"])
@@ -101,7 +99,8 @@ def test_plan_stays_within_budget_and_grows_with_it(device_type):
     budgets = sorted({max(least), max(least) + 30_000, (max(least) + max(most)) // 2, max(most), 2 * max(most)})
     chosen = []
     for budget in budgets:
-        vb, tile = memory.plan(budget, SMALL, SIZE, SIZE, F32, device_type, view_batch_sizes=VBS, decode_tiles=TILES)
+        vb, tile, _ = memory.plan(budget, SMALL, SIZE, SIZE, F32, device_type, view_batch_sizes=VBS,
+                                  decode_tiles=TILES)
         denoise, decode = _need(vb, tile, device_type)
         assert denoise <= budget and decode <= budget
         # largest: the next larger candidate would not have fitted
@@ -126,8 +125,18 @@ def test_plan_refuses_clearly_and_names_the_minimum():
     memory.plan(least, SMALL, SIZE, SIZE, F32, "cuda", view_batch_sizes=VBS, decode_tiles=TILES)  # and that is enough
 
 
-def test_offloading_needs_less():
-    assert max(_need(1, 32, "cuda", offload=True)) < max(_need(1, 32, "cuda", offload=False))
+def test_weights_count_only_while_on_the_device():
+    weights = memory.weights_bytes(SMALL, F32)
+    every = memory.predict(SMALL, SIZE, SIZE, F32, 1, 32)
+    for resident, off_in_denoise, off_in_decode in [
+            ((), weights["vae"] + weights["text_encoder_1"] + weights["text_encoder_2"],
+             weights["unet"] + weights["text_encoder_1"] + weights["text_encoder_2"]),
+            (("unet", "vae"), weights["text_encoder_1"] + weights["text_encoder_2"],
+             weights["text_encoder_1"] + weights["text_encoder_2"])]:
+        rows = memory.predict(SMALL, SIZE, SIZE, F32, 1, 32, resident=resident)
+        for r, e in zip(rows, every):
+            assert e["denoise_bytes"] - r["denoise_bytes"] == off_in_denoise
+            assert e["decode_bytes"] - r["decode_bytes"] == off_in_decode
 
 
 @torch.no_grad()
@@ -141,3 +150,76 @@ def test_estimate_counts_the_evaluations_a_run_makes(models):
     assert est["seconds"] == pytest.approx(0.5 * evals)
     assert est["flops"] > evals * memory.unet_flops(TINY.unet, 16, 16)
     assert est["peak_bytes"] == max(r["peak_bytes"] for r in est["scales"])
+
+
+@pytest.mark.parametrize("text, unit, expected", [
+    ("8GiB", 1, 8 << 30), ("12 GB", 1, 12 << 30), ("512MiB", 1, 512 << 20), ("1.5g", 1, 3 << 29),
+    ("8", memory.GiB, 8 << 30), (8, memory.GiB, 8 << 30), (1000, 1, 1000), ("2048k", 1, 2 << 20)])
+def test_parse_size(text, unit, expected):
+    assert memory.parse_size(text, unit) == expected
+
+
+@pytest.mark.parametrize("text", ["", "eight", "8 GiBs", "-1GiB", "0", "8 PB", "nan", True])
+def test_parse_size_refuses_what_is_not_a_size(text):
+    with pytest.raises(ValueError, match="memory size"):
+        memory.parse_size(text)
+
+
+def test_plan_prefers_an_untiled_decode_when_it_fits_and_counts_host_maps_off_cuda():
+    untiled = memory.needs(memory.predict(SMALL, SIZE, SIZE, F32, 1, None), "cpu")[1]
+    assert memory.plan(10 * untiled, SMALL, SIZE, SIZE, F32, "cpu", view_batch_sizes=VBS,
+                       decode_tiles=(None,) + TILES)[1] is None
+    assert memory.plan(10 * untiled, SMALL, SIZE, SIZE, F32, "cpu", view_batch_sizes=VBS,
+                       decode_tiles=TILES)[1] == 128
+    rows = memory.predict(SMALL, SIZE, SIZE, F32, 1, 32)
+    host = max(r["host_decode_bytes"] for r in rows)
+    assert host > 0 and memory.needs(rows, "cpu")[1] == max(r["decode_bytes"] for r in rows) + host
+
+
+@torch.no_grad()
+def test_generate_stays_within_max_memory(tiny_pipe):
+    """A whole generate() on the CPU with every tensor it creates tracked: the resident weights plus the tracked
+    peak stay within the budget it was given, from the least that fits to ample."""
+    cfgs, size = tiny_pipe.configs, 512
+    weights = sum(memory.weights_bytes(cfgs, F32).values())
+    least = max(memory.needs(memory.predict(cfgs, size, size, F32, 1, memory.DECODE_TILES[-1]), "cpu"))
+    chosen = []
+    for budget in (least, int(least * 1.15), 4 * least):
+        vb, tile, _ = tiny_pipe.plan_memory(budget, size, size)
+        tracker = MemoryTracker(host_ops={torch.ops.aten.empty.memory_format})
+        with tracker:
+            r = tiny_pipe.generate("a lighthouse", height=size, width=size, num_inference_steps=1, max_memory=budget)
+        assert weights + tracker.peak_total <= budget, (budget, vb, tile, weights + tracker.peak_total)
+        assert {(s["view_batch_size"], s["decode_tile"]) for s in r.stats} == {(vb, tile)}
+        chosen.append((vb, tile))
+    assert chosen[0][1] < chosen[-1][1]  # on this model the decode sets the budget's floor
+    with pytest.raises(ValueError, match=r"needs at least"):
+        tiny_pipe.generate("a lighthouse", height=size, width=size, num_inference_steps=1, max_memory=least - 1)
+
+
+@torch.no_grad()
+def test_a_budget_only_taking_turns_fits_moves_the_unet_and_the_vae(tiny_pipe, monkeypatch):
+    """Off the CPU, a budget below what two resident networks need but above what one at a time needs: each
+    scale runs the UNet with the VAE on the host, then decodes with the UNet on the host; both come back at the
+    end. (Moves are recorded, not made: this machine has no second device.)"""
+    cfgs, size = tiny_pipe.configs, 512
+
+    def least(resident):
+        return max(memory.needs(memory.predict(cfgs, size, size, F32, 1, memory.DECODE_TILES[-1], resident=resident),
+                                "cpu"))
+
+    assert least(()) < least(tiny_pipe.resident)
+    moves = []
+    monkeypatch.setattr(tiny_pipe, "host", torch.device("meta"))
+    for name in ("unet", "vae"):
+        monkeypatch.setattr(getattr(tiny_pipe, name), "to", lambda where, name=name: moves.append((name, where.type)))
+    plan = tiny_pipe.plan_memory(least(()), size, size)
+    assert plan.resident == ()
+    r = tiny_pipe.generate("a lighthouse", height=size, width=size, num_inference_steps=1, max_memory=least(()))
+    assert len(r.images) == 2
+    denoise, decode = [("vae", "meta"), ("unet", "cpu")], [("unet", "meta"), ("vae", "cpu")]  # idle one out first
+    assert moves == denoise[:1] + decode + denoise + decode + [("unet", "cpu")]  # the UNet starts on the device
+    moves.clear()
+    tiny_pipe.generate("a lighthouse", height=size, width=size, num_inference_steps=1, max_memory=least(("unet", "vae",
+                       "text_encoder_1", "text_encoder_2")))
+    assert moves == []
