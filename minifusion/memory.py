@@ -4,6 +4,7 @@ Where the bytes go, per scale:
 
     weights     the networks resident on the device (minifusion.load: all four on a CPU; the UNet and the
                 VAE on a GPU, where the text encoders wait in host memory) plus the one running
+    encoding    (before scale 1) both text encoders on the device, with the activations of one batch of prompts
     denoising   max over UNet calls of  sampler state alive at the call + UNet activations of the call
                 UNet activations of n samples at h x w latents = fixed + n * (per_sample + per_sample_pixel * h * w)
                 (a call is 2 x min(view_batch_size, views left) samples: every view twice for CFG)
@@ -39,17 +40,17 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from .checkpoint import Configs, meta_models
-from .config import UNetConfig, VAEConfig
+from .checkpoint import COMPONENTS, Configs, meta_models
+from .config import TextConfig, UNetConfig, VAEConfig
 from .decode import decode_flops, decode_tiled
 from .demofusion import Cond, demofusion, local_windows, scale_sizes
+from .models.clip import TextEncoder
 from .models.unet import UNet
 from .models.vae import VAE
 
 GiB = 1 << 30
 FRAGMENTATION = 0.10  # caching-allocator rounding and fragmentation, as a fraction of live tensor bytes
 CUDA_CONTEXT_BYTES = GiB // 2  # CUDA context and loaded kernel images: device memory outside torch's count
-COMPONENTS = ("unet", "vae", "text_encoder_1", "text_encoder_2")
 VIEW_BATCHES = (64, 32, 16, 8, 4, 2, 1)
 DECODE_TILES = (1024, 512, 384, 256, 192, 128, 96, 64)
 
@@ -230,6 +231,17 @@ def sampler_calls(cfg: UNetConfig, height: int, width: int, view_batch_size: int
     return per_scale
 
 
+@lru_cache(maxsize=8)
+def text_activation_bytes(cfg: TextConfig, dtype: torch.dtype) -> int:
+    """Peak bytes one text encoder allocates encoding two prompts (what Pipeline.encode_prompt runs at once)."""
+    with torch.device("meta"):
+        encoder = TextEncoder(cfg).to(dtype)
+        ids = torch.zeros(2, cfg.max_length, dtype=torch.long)
+    with torch.no_grad(), CPUAttentionOnMeta(), MemoryTracker() as tracker:
+        encoder(ids)
+    return tracker.peak
+
+
 def _kv_bytes(cfg: VAEConfig, h: int, w: int, dtype: torch.dtype) -> int:
     return 2 * cfg.channels[-1] * h * w * dtype.itemsize
 
@@ -275,6 +287,9 @@ def predict(cfgs: Configs, height: int, width: int, dtype: torch.dtype = torch.f
     stride = stride or cfgs.unet.sample_size // 2
     wb = weights_bytes(cfgs, dtype)
     kept = sum(wb[c] for c in set(resident))
+    text = ("text_encoder_1", "text_encoder_2")
+    during_encode = kept + sum(wb[c] for c in text if c not in resident) + sum(
+        text_activation_bytes(getattr(cfgs, c), dtype) for c in text)  # both encoders' peaks: an upper bound
     during_denoise = kept + (0 if "unet" in resident else wb["unet"])
     during_decode = kept + (0 if "vae" in resident else wb["vae"])
     profile = activation_profile(cfgs.unet, dtype)
@@ -287,6 +302,8 @@ def predict(cfgs: Configs, height: int, width: int, dtype: torch.dtype = torch.f
         out.append({"scale": s, "latent_size": (h, w), "max_unet_batch": max(n for _, n, _, _ in scale_calls),
                     "denoise_bytes": denoise, "decode_bytes": during_decode + dec["device"],
                     "peak_bytes": max(denoise, during_decode + dec["device"]), "host_decode_bytes": dec["host"]})
+    out[0]["encode_bytes"] = during_encode  # the prompts are encoded once, before scale 1
+    out[0]["peak_bytes"] = max(out[0]["peak_bytes"], during_encode)
     return out
 
 
@@ -299,10 +316,11 @@ def required_bytes(peak_bytes: int, device_type: str = "cuda") -> int:
 
 
 def needs(rows: list[dict], device_type: str = "cuda") -> tuple[int, int]:
-    """(denoising, decoding) memory `predict`'s rows need on a device of that type. Off CUDA the decode's full
-    feature maps (host bytes) live in the same memory as everything else, so they count too."""
+    """(encoding and denoising, decoding) memory `predict`'s rows need on a device of that type. Off CUDA the
+    decode's full feature maps (host bytes) live in the same memory as everything else, so they count too."""
     host = 0 if device_type == "cuda" else max(r["host_decode_bytes"] for r in rows)
-    return (required_bytes(max(r["denoise_bytes"] for r in rows), device_type),
+    first = max(max(r["denoise_bytes"] for r in rows), max(r.get("encode_bytes", 0) for r in rows))
+    return (required_bytes(first, device_type),
             required_bytes(max(r["decode_bytes"] for r in rows) + host, device_type))
 
 

@@ -196,6 +196,7 @@ class Pipeline:
             view_batch_size = vb if view_batch_size is None else min(view_batch_size, vb)
         view_batch_size = 16 if view_batch_size is None else view_batch_size
         try:
+            self._place(None, kept)
             context, pooled = self.encode_prompt(prompt, negative_prompt)
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
             start_from = None
@@ -289,11 +290,11 @@ class Pipeline:
         return memory.plan(memory.parse_size(max_memory), self.configs, height, width, self.dtype, self.device.type,
                            stride, self.resident, may_offload=self.host != self.device, decode_tiles=tiles)
 
-    def _place(self, running: str, kept: Collection[str]) -> None:
-        """Before `running` ("unet" or "vae") runs: of the two, the one neither running nor kept leaves for the
-        host first, then the running one comes to the device."""
+    def _place(self, running: str | None, kept: Collection[str]) -> None:
+        """Before `running` ("unet", "vae", or None while the text encoders run): of the UNet and the VAE, those
+        neither running nor kept leave for the host first, then the running one comes to the device."""
         idle = {"unet", "vae"} - {running} - set(kept)
-        moves = [(name, self.host) for name in sorted(idle)] + [(running, self.device)]
+        moves = [(name, self.host) for name in sorted(idle)] + ([(running, self.device)] if running else [])
         for name, where in moves:
             module = getattr(self, name)
             if self._where.get(name, self.device) != where:

@@ -128,12 +128,17 @@ def test_plan_refuses_clearly_and_names_the_minimum():
 def test_weights_count_only_while_on_the_device():
     weights = memory.weights_bytes(SMALL, F32)
     every = memory.predict(SMALL, SIZE, SIZE, F32, 1, 32)
+    text = sum(memory.text_activation_bytes(c, F32) for c in (SMALL.text_encoder_1, SMALL.text_encoder_2))
+    assert every[0]["encode_bytes"] == sum(weights.values()) + text and text > 0
     for resident, off_in_denoise, off_in_decode in [
             ((), weights["vae"] + weights["text_encoder_1"] + weights["text_encoder_2"],
              weights["unet"] + weights["text_encoder_1"] + weights["text_encoder_2"]),
             (("unet", "vae"), weights["text_encoder_1"] + weights["text_encoder_2"],
              weights["text_encoder_1"] + weights["text_encoder_2"])]:
         rows = memory.predict(SMALL, SIZE, SIZE, F32, 1, 32, resident=resident)
+        # while encoding, both text encoders are there too, whatever stays
+        assert every[0]["encode_bytes"] - rows[0]["encode_bytes"] == sum(weights[c] for c in ("unet", "vae")
+                                                                          if c not in resident)
         for r, e in zip(rows, every):
             assert e["denoise_bytes"] - r["denoise_bytes"] == off_in_denoise
             assert e["decode_bytes"] - r["decode_bytes"] == off_in_decode
@@ -218,7 +223,8 @@ def test_a_budget_only_taking_turns_fits_moves_the_unet_and_the_vae(tiny_pipe, m
     r = tiny_pipe.generate("a lighthouse", height=size, width=size, num_inference_steps=1, max_memory=least(()))
     assert len(r.images) == 2
     denoise, decode = [("vae", "meta"), ("unet", "cpu")], [("unet", "meta"), ("vae", "cpu")]  # idle one out first
-    assert moves == denoise[:1] + decode + denoise + decode + [("unet", "cpu")]  # the UNet starts on the device
+    encode = [("unet", "meta"), ("vae", "meta")]  # neither is needed while the prompts are encoded
+    assert moves == encode + denoise[1:] + decode + denoise + decode + [("unet", "cpu")]
     moves.clear()
     tiny_pipe.generate("a lighthouse", height=size, width=size, num_inference_steps=1, max_memory=least(("unet", "vae",
                        "text_encoder_1", "text_encoder_2")))
