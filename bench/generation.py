@@ -47,11 +47,11 @@ def run(pipe: Pipeline, height: int, width: int, steps: int, view_batch_size: in
         mem.reset()  # scale 1's denoising starts now
         return out
 
-    def timed_decode(latents, tiled=True, progress=None):
+    def timed_decode(latents, **kwargs):
         phase["denoise_memory"] = mem.read()
         mem.reset()
         with timed(phase, "decode_seconds", device):
-            image = decode(latents, tiled=tiled, progress=progress)
+            image = decode(latents, **kwargs)
         phase["decode_memory"] = mem.read()
         return image
 

@@ -52,6 +52,8 @@ def parse_args(argv):
                     help="time the overhead step with the real UNet too (auto: only for the tiny model)")
     ap.add_argument("--components", choices=["none", "tiny", "full"], default="tiny",
                     help="ours vs the reference implementation at the tiny config or at full SDXL size")
+    ap.add_argument("--only", default="", help="components: comma-separated subset of unet, vae_decode, "
+                    "vae_decode_tiled, text_encoder_1, text_encoder_2")
     ap.add_argument("--repeat", type=int, default=3, help="timed forwards per component (median reported)")
     ap.add_argument("--loading", action="store_true", help="measure loading a full-size fp16 single file")
     ap.add_argument("--loading-dir", type=Path, default=loading.DEFAULT_DIR,
@@ -224,7 +226,8 @@ def main(argv=None) -> int:
 
     if args.components != "none":
         result["components"] = components.run(args.components if args.components == "tiny" else "sdxl", device,
-                                              dtype, repeat=args.repeat)
+                                              dtype, repeat=args.repeat,
+                                              only=tuple(c for c in args.only.split(",") if c) or None)
         print_components(result["components"])
         lap("components")
 
