@@ -72,7 +72,8 @@ class _Stages:
         rstd = ((x.moments[..., 1] / n - mean ** 2).clamp_min(0) + gn.eps).rsqrt()
         scale = rstd.repeat_interleave(C // gn.num_groups, dim=1) * gn.weight.double()  # (B, C)
         shift = gn.bias.double() - mean.repeat_interleave(C // gn.num_groups, dim=1) * scale
-        return torch.addcmul(shift.float()[..., None, None], t.float(), scale.float()[..., None, None]).to(t.dtype)
+        # t stays in its dtype: addcmul promotes it to fp32 element by element, without a converted copy
+        return torch.addcmul(shift.float()[..., None, None], t, scale.float()[..., None, None]).to(t.dtype)
 
     def _moments(self, y: torch.Tensor) -> torch.Tensor:
         # squares in fp32 are exact to 1e-7 relative; summing them in fp64 keeps E[x^2] - E[x]^2 exact as well
