@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from minifusion.pipeline import cpu_flags
+
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 try:
     _LIBC = ctypes.CDLL("libc.so.6")
@@ -173,22 +175,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def machine(device: torch.device) -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_bf16_hardware": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile"}),
+            "cpu_bf16_hardware": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile", "bf16"}),
             "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
             "load_average": os.getloadavg()}
     if device.type == "cuda":

@@ -36,8 +36,20 @@ def default_device() -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    # bf16 runs several times faster than fp32 on CPUs with AMX/AVX512-bf16, fp16 is the GPU default
-    return torch.bfloat16 if device.type == "cpu" else torch.float16
+    """float16 on GPUs; on a CPU bfloat16 where it has bf16 arithmetic in hardware (several times faster than
+    fp32 there), else float32 (torch then emulates bf16, several times slower than fp32)."""
+    if device.type != "cpu":
+        return torch.float16
+    return torch.bfloat16 if cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"} else torch.float32
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (x86 "flags", Arm "Features"); empty where there is none."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    return {f for line in lines if line.startswith(("flags", "Features")) for f in line.split(":", 1)[1].split()}
 
 
 def load(path: str | Path | None = None, device: str | torch.device | None = None,
@@ -257,8 +269,8 @@ class Pipeline:
         save memory), stride (local window stride in latents; default half the window, 64 for SDXL),
         cosine_scale_1/2/3 (skip residual, fusion and blur decay), sigma (blur std), multi_decoder (tiled
         decode), plus jitter=False, latents (phase-1 noise) and noise (one re-noising tensor per scale >= 2) to
-        compare runs number for number. `seed` alone
-        reproduces a run on the same device. callback(scale, step, steps, unet_evaluations) after each step.
+        compare runs number for number. `seed` alone reproduces a run on the same device.
+        callback(scale, step, steps, unet_evaluations) after each step.
         image: a picture (PIL image or path) that replaces phase 1 (image-to-image upscaling); height and
         width then default to 2 x base on its longer side and follow its aspect ratio.
         max_memory: a budget for the compute device (bytes, or text such as "8GiB"): view_batch_size (at most

@@ -63,3 +63,13 @@ def test_bad_arguments_are_refused_before_any_work(tiny_pipe, monkeypatch):
             tiny_pipe.generate("a fox", **{**SMALL, **kwargs})
     with pytest.raises(TypeError, match="prompt must be text"):
         tiny_pipe.generate(["a fox"], **SMALL)
+
+
+@pytest.mark.parametrize("flags, expected", [({"avx512f", "avx512_bf16"}, torch.bfloat16),
+                                             ({"avx512f", "amx_bf16", "amx_tile"}, torch.bfloat16),
+                                             ({"asimd", "bf16"}, torch.bfloat16),
+                                             ({"avx512f", "avx2"}, torch.float32), (set(), torch.float32)])
+def test_cpu_default_dtype_is_bfloat16_only_with_bf16_hardware(monkeypatch, flags, expected):
+    monkeypatch.setattr(pl, "cpu_flags", lambda: flags)
+    assert pl.default_dtype(torch.device("cpu")) == expected
+    assert pl.default_dtype(torch.device("cuda")) == torch.float16
