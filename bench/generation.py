@@ -31,8 +31,8 @@ def text_encoder_flops(pipe: Pipeline, batch: int) -> int:
     return total
 
 
-def run(pipe: Pipeline, height: int, width: int, steps: int, view_batch_size: int, seed: int = 0,
-        peak_tflops: float | None = None, tiled_decode: bool = True) -> dict:
+def run(pipe: Pipeline, height: int, width: int, steps: int, view_batch_size: int | None, seed: int = 0,
+        peak_tflops: float | None = None, tiled_decode: bool = True, max_memory: int | None = None) -> dict:
     device = pipe.device
     mem = PeakMemory(device)
     stride = pipe.configs.unet.sample_size // 2
@@ -61,11 +61,13 @@ def run(pipe: Pipeline, height: int, width: int, steps: int, view_batch_size: in
     start = time.perf_counter()
     try:
         for scale in pipe.iter_generate(PROMPT, height=height, width=width, num_inference_steps=steps, seed=seed,
-                                        view_batch_size=view_batch_size, multi_decoder=tiled_decode):
+                                        view_batch_size=view_batch_size, multi_decoder=tiled_decode,
+                                        max_memory=max_memory):
             st = scale.stats
             flops = sum(2 * n * steps * unet_flops(pipe.configs.unet, h, w) for h, w, n in views[scale.scale - 1])
             dec_flops = decode_flops(pipe.configs.vae, (1, pipe.configs.vae.latent_channels, *st["latent_size"]))
             row = {"scale": st["scale"], "latent_size": list(st["latent_size"]), "image_size": [*scale.image.size],
+                   "view_batch_size": st["view_batch_size"], "decode_tile": st["decode_tile"],
                    "unet_evaluations": st["unet_evaluations"], "unet_calls": st["unet_calls"],
                    "windows": st["windows"], "dilated_views": st["dilated_views"],
                    "denoise_seconds": st["denoise_seconds"],
@@ -94,20 +96,20 @@ def run(pipe: Pipeline, height: int, width: int, steps: int, view_batch_size: in
             "mfu": unet_total / denoise_seconds / 1e12 / peak_tflops if peak_tflops else None}
 
 
-def predicted_vs_measured(pipe: Pipeline, result: dict, height: int, width: int, view_batch_size: int,
-                          tiled_decode: bool) -> list[dict]:
+def predicted_vs_measured(pipe: Pipeline, result: dict, height: int, width: int) -> list[dict]:
     """The memory model's growth over the resident weights against this run's measured growth, per scale and
-    phase. On a CPU the full-map decode buffers live in the same memory, so they are part of the prediction."""
-    tile = 256 if tiled_decode else None
+    phase, at the view batch and decode tile the run used. On a CPU the full-map decode buffers live in the
+    same memory, so they are part of the prediction."""
     stride = pipe.configs.unet.sample_size // 2
     profile = memory.activation_profile(pipe.configs.unet, pipe.dtype)
-    calls = memory.sampler_calls(pipe.configs.unet, height, width, view_batch_size, stride, pipe.dtype)
+    calls = memory.sampler_calls(pipe.configs.unet, height, width, result["scales"][0]["view_batch_size"], stride,
+                                 pipe.dtype)
     vae_dtype = pipe.vae.post_quant_conv.weight.dtype
     rows = []
     for r, scale_calls in zip(result["scales"], calls):
         h, w = r["latent_size"]
         denoise = max(live + profile.bytes(n, ch, cw) for live, n, ch, cw in scale_calls)
-        dec = memory.decode_bytes(pipe.configs.vae, h, w, vae_dtype, tile)
+        dec = memory.decode_bytes(pipe.configs.vae, h, w, vae_dtype, r["decode_tile"])
         on_cpu = pipe.device.type == "cpu"
         decode = dec["device"] + dec["host"] if on_cpu else dec["device"]
         key = "peak_rss_growth_bytes" if on_cpu else "peak_allocated_growth_bytes"
@@ -118,6 +120,20 @@ def predicted_vs_measured(pipe: Pipeline, result: dict, height: int, width: int,
                      "denoise_ratio": measured_d / denoise if measured_d else None,
                      "decode_ratio": measured_v / decode if measured_v else None})
     return rows
+
+
+def budget_check(pipe: Pipeline, result: dict, budget: int) -> dict:
+    """Did the run stay within the budget it was planned for? On CUDA: the allocator's peak reservation plus
+    the CUDA context (memory.CUDA_CONTEXT_BYTES, assumed); on a CPU: the weights plus the resident set's peak
+    growth (which also holds library buffers outside the model's count, see minifusion/memory.py)."""
+    phases = [r[k] for r in result["scales"] for k in ("denoise_memory", "decode_memory")]
+    if pipe.device.type == "cuda":
+        used = max(p["peak_reserved_bytes"] for p in phases) + memory.CUDA_CONTEXT_BYTES
+    else:
+        weights = sum(p.numel() * p.element_size() for m in (pipe.unet, pipe.vae, pipe.text_encoder_1,
+                                                                pipe.text_encoder_2) for p in m.parameters())
+        used = weights + max(p["peak_rss_growth_bytes"] for p in phases)
+    return {"budget_bytes": budget, "used_bytes": used, "holds": used <= budget}
 
 
 # ---------------------------------------------------------------------------------------------------------

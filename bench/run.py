@@ -40,8 +40,13 @@ def parse_args(argv):
     ap.add_argument("--height", type=int, help="final height in px (default: 2x the base size)")
     ap.add_argument("--width", type=int, help="final width in px (default: 2x the base size)")
     ap.add_argument("--steps", type=int, default=50, help="denoising steps per scale (default 50)")
-    ap.add_argument("--view-batch", type=int, default=16, dest="view_batch", help="views per UNet call (default 16)")
-    ap.add_argument("--dtype", choices=list(DTYPES), help="default: float16 on GPUs, bfloat16 on CPUs (as the CLI)")
+    ap.add_argument("--view-batch", type=int, dest="view_batch",
+                    help="views per UNet call (default 16, or what --budget allows)")
+    ap.add_argument("--budget", type=lambda t: memory.parse_size(t, unit=GiB),
+                    help="generate within this device memory (generate(max_memory=...)), e.g. 8 (GiB) or 500MiB, "
+                    "and check the measured peak against it")
+    ap.add_argument("--dtype", choices=list(DTYPES),
+                    help="default as the CLI: float16 on GPUs; bfloat16 on CPUs with bf16 hardware, else float32")
     ap.add_argument("--device", help="cuda, mps or cpu (default: the first available)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -171,6 +176,7 @@ def main(argv=None) -> int:
     model = "weights" if args.weights else args.model
     result = {"settings": {"model": model, "weights": str(args.weights) if args.weights else None,
                            "height": height, "width": width, "steps": args.steps, "view_batch": args.view_batch,
+                           "budget_bytes": args.budget,
                            "dtype": str(dtype).replace("torch.", ""), "device": str(device), "seed": args.seed,
                            "tiled_decode": args.tiled_decode, "threads": torch.get_num_threads(),
                            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
@@ -201,15 +207,19 @@ def main(argv=None) -> int:
         lap("build")
     if args.generate:
         g = generation.run(pipe, height, width, args.steps, args.view_batch, args.seed,
-                           result["peak"]["peak_tflops"], args.tiled_decode)
+                           result["peak"]["peak_tflops"], args.tiled_decode, args.budget)
         result["generation"] = g
         print_generation(g, device)
-        result["memory_check"] = generation.predicted_vs_measured(pipe, g, height, width, args.view_batch,
-                                                                  args.tiled_decode)
+        result["memory_check"] = generation.predicted_vs_measured(pipe, g, height, width)
         print_check(result["memory_check"])
+        if args.budget:
+            b = result["budget_check"] = generation.budget_check(pipe, g, args.budget)
+            print(f"budget {_gib(b['budget_bytes'])} GiB: view batch {g['scales'][0]['view_batch_size']}, decode "
+                  f"tile {g['scales'][0]['decode_tile']}; used {_gib(b['used_bytes'])} GiB "
+                  f"({'holds' if b['holds'] else 'EXCEEDS'})")
         lap("generation")
     if args.overhead:
-        o = generation.non_unet_fraction(cfgs, device, dtype, height, width, args.view_batch,
+        o = generation.non_unet_fraction(cfgs, device, dtype, height, width, args.view_batch or 16,
                                          unet=pipe.unet if real else None)
         if not real and args.generate:  # the generation's own step time at the last scale
             o["real_step_seconds"] = result["generation"]["scales"][-1]["denoise_seconds"] / args.steps

@@ -29,7 +29,7 @@ def test_bench_tiny_one_step(tmp_path):
     cmd = [sys.executable, "-m", "bench", "--model", "tiny", "--steps", "1", "--height", "512", "--width", "256",
            "--device", "cpu", "--dtype", "float32",
            "--repeat", "1", "--overhead-real", "no", "--out", str(tmp_path), "--predict-sizes", "512",
-           "--max-memory", "0.0001,1"]
+           "--max-memory", "0.0001,1", "--budget", "1"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (json_path,) = tmp_path.glob("*.json")
@@ -52,6 +52,8 @@ def test_bench_tiny_one_step(tmp_path):
     assert g["scales"][1]["unet_evaluations"] == 2 * (3 + 4)  # 3x1 windows + 2x2 dilated views, doubled for CFG
     assert {"unet", "decode", "text_encoders", "total"} <= g["flops"].keys() and g["mfu"] > 0
 
+    assert r["budget_check"]["budget_bytes"] == 1 << 30 and r["budget_check"]["holds"]
+    assert {s["view_batch_size"] for s in g["scales"]} == {64}  # 1 GiB leaves the tiny model every view at once
     for row in r["memory_check"]:
         assert CHECK <= row.keys()
     overhead = {"noop_step_seconds", "real_step_seconds", "non_unet_fraction", "non_unet_ops_per_step"}
