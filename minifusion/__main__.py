@@ -81,7 +81,8 @@ def parse_args(argv):
     ap.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS,
                     help="SDXL .safetensors file or diffusers folder (default: weights/)")
     ap.add_argument("--device", help="cuda, mps or cpu (default: the first available)")
-    ap.add_argument("--dtype", choices=list(DTYPES), help="default: float16 on GPUs, bfloat16 on CPUs")
+    ap.add_argument("--dtype", choices=list(DTYPES),
+                    help="default: float16 on GPUs; on CPUs bfloat16 where the CPU has it in hardware, else float32")
     ap.add_argument("--settings-from", type=Path, dest="settings_from",
                     help="take the prompt and settings from a PNG minifusion wrote (flags still override)")
     ap.add_argument("--resume", type=Path, help="continue from a finished scale's .latent.safetensors with its "

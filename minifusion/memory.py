@@ -19,14 +19,17 @@ is the same as on the CPU once attention takes the CPU's fused kernel there too 
 scaled_dot_product_attention would fall back to the math path and materialise every score, which no real
 device does). tests/test_memory.py checks meta against a real CPU run, and bench/ against resident-set growth.
 
-On a GPU the caching allocator adds rounding and fragmentation, and the CUDA context and library workspaces
-sit outside torch's count: `required_bytes` adds FRAGMENTATION and CUDA_CONTEXT_BYTES for that (assumed, not
-measured here). On a CPU the resident set grows by more than the live tensor bytes, by a roughly size-
-independent amount: buffers inside oneDNN's kernels that never pass torch's dispatcher (blocked-layout copies
-of a layer's weights, scratchpads) and small blocks on the malloc heap. One SDXL UNet call in bf16, batch 2:
-20 MiB of tensors, 70 MiB of growth at 32^2 latents; 79 and 108 MiB at 64^2 (the first call of a process adds
-30 MiB more of one-time setup). Against gigabytes of activations at DemoFusion's sizes that is noise. `plan` picks view_batch_size and decode tile under a budget; `estimate` gives the work of a
-request (UNet evaluations, FLOPs, peak bytes, and seconds from a measured seconds-per-evaluation).
+On a GPU the caching allocator adds rounding and fragmentation, cuDNN/cuBLAS workspaces (counted by the
+allocator) are not in the prediction, and the CUDA context sits outside torch's count: `required_bytes` adds
+FRAGMENTATION and CUDA_CONTEXT_BYTES for all that (assumed, not measured here). On a CPU the resident set
+grows by more than the live tensor bytes, by a few tens of MiB that do not grow with the image: buffers
+inside oneDNN's kernels that never pass torch's dispatcher (blocked-layout copies of a layer's weights,
+scratchpads) and small blocks on the malloc heap. One SDXL UNet call in bf16, batch 2: 20 MiB of tensors and
+70 MiB of growth at 32^2 latents; 79 and 108 MiB at 64^2 (a process's first call adds 30 MiB of one-time
+setup). Against gigabytes of activations at DemoFusion's sizes that is noise.
+
+`plan` picks view_batch_size and decode tile under a budget; `estimate` gives the work of a request (UNet
+evaluations, FLOPs, peak bytes, and seconds from a measured seconds-per-evaluation).
 """
 from __future__ import annotations
 
@@ -267,8 +270,8 @@ def decode_bytes(cfg: VAEConfig, h: int, w: int, dtype: torch.dtype, tile: int |
     A tiled decode's device working set depends on the tile, not the image, except for the mid attention's keys
     and values over the whole latent map. So it is measured at latents no larger than the tile (where every
     stage already works on tiles at least as large as the real ones) and the keys and values are scaled up to
-    the real map: exact when the peak is the attention stage, an upper bound otherwise. The host holds full feature maps
-    (a ResnetBlock's input, middle and output at once): scaled by area from the same run, exact."""
+    the real map: exact when the peak is the attention stage, an upper bound otherwise. The host holds full
+    feature maps (a ResnetBlock's input, middle and output at once): scaled by area from the same run, exact."""
     if tile is None:
         device, host = _decode_sim(cfg, h, w, dtype, None)
         return {"device": device, "host": host}
@@ -353,10 +356,9 @@ def plan(max_memory_bytes: int, cfgs: Configs, height: int, width: int, dtype: t
             vb = next(v for v in vbs if need(v, tiles[-1])[0] <= max_memory_bytes)
             tile = next(t for t in tiles if need(vbs[-1], t)[1] <= max_memory_bytes)
             return MemoryPlan(vb, tile, kept)
-    hint = "; keeping idle networks off the device would need less" if kept else ""
     raise ValueError(f"{width}x{height} does not fit in {max_memory_bytes / GiB:.2f} GiB of {device_type} memory "
                      f"even with view_batch_size {vbs[-1]} and decode tile {tiles[-1]}: it needs at least "
-                     f"{least / GiB:.2f} GiB{hint}")
+                     f"{least / GiB:.2f} GiB")
 
 
 def parse_size(text: str | int | float, unit: int = 1) -> int:
