@@ -200,7 +200,7 @@ class Pipeline:
         check_request(self.base_size, self.configs.unet.sample_size, height, width, num_inference_steps,
                       guidance_scale, 16 if view_batch_size is None else view_batch_size, stride, cosine_scale_1,
                       cosine_scale_2, cosine_scale_3, sigma, scheduler)
-        decode_tile, kept = 256 if multi_decoder else None, self.resident
+        decode_tile, kept = 256 if multi_decoder else None, ("unet", "vae")  # kept: nothing moves unless planned
         if max_memory is not None:
             planned = self.plan_memory(max_memory, height, width, stride, not multi_decoder)
             decode_tile, kept = planned.decode_tile, planned.resident
