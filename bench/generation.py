@@ -100,18 +100,16 @@ def predicted_vs_measured(pipe: Pipeline, result: dict, height: int, width: int)
     """The memory model's growth over the resident weights against this run's measured growth, per scale and
     phase, at the view batch and decode tile the run used. On a CPU the full-map decode buffers live in the
     same memory, so they are part of the prediction."""
-    stride = pipe.configs.unet.sample_size // 2
-    profile = memory.activation_profile(pipe.configs.unet, pipe.dtype)
-    calls = memory.sampler_calls(pipe.configs.unet, height, width, result["scales"][0]["view_batch_size"], stride,
-                                 pipe.dtype)
-    vae_dtype = pipe.vae.post_quant_conv.weight.dtype
+    first = result["scales"][0]
+    # with nothing resident, each phase's prediction holds only the running network's weights: take them off
+    weights = memory.weights_bytes(pipe.configs, pipe.dtype)
+    predicted = memory.predict(pipe.configs, height, width, pipe.dtype, first["view_batch_size"],
+                               first["decode_tile"], resident=())
+    on_cpu = pipe.device.type == "cpu"
     rows = []
-    for r, scale_calls in zip(result["scales"], calls):
-        h, w = r["latent_size"]
-        denoise = max(live + profile.bytes(n, ch, cw) for live, n, ch, cw in scale_calls)
-        dec = memory.decode_bytes(pipe.configs.vae, h, w, vae_dtype, r["decode_tile"])
-        on_cpu = pipe.device.type == "cpu"
-        decode = dec["device"] + dec["host"] if on_cpu else dec["device"]
+    for r, p in zip(result["scales"], predicted):
+        denoise = p["denoise_bytes"] - weights["unet"]
+        decode = p["decode_bytes"] - weights["vae"] + (p["host_decode_bytes"] if on_cpu else 0)
         key = "peak_rss_growth_bytes" if on_cpu else "peak_allocated_growth_bytes"
         measured_d, measured_v = r["denoise_memory"].get(key), r["decode_memory"].get(key)
         rows.append({"scale": r["scale"], "predicted_denoise_growth_bytes": denoise,
