@@ -25,7 +25,8 @@ from . import memory
 from .checkpoint import CheckpointError, inspect_checkpoint
 from .encode import base_scale_size, open_image
 from .files import LatentFileError, SavedScale, atomic_write, latent_path, load_latents, save_latents
-from .demofusion import is_out_of_memory, scale_sizes
+from .demofusion import scale_sizes
+from .views import is_out_of_memory
 from .pipeline import DEFAULT_WEIGHTS, NonFiniteError, check_request, default_device, default_dtype, load, resident
 from .schedulers import SCHEDULERS
 

@@ -8,13 +8,13 @@ Every mechanism is a pure tensor function below; `demofusion` wires them up like
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .schedulers import SCHEDULERS, TRAIN_STEPS
+from .views import Cond, Dilated, ViewRunner, Whole, Window
 
 LATENT_CHANNELS = 4
 
@@ -91,19 +91,23 @@ def local_windows(h: int, w: int, window: int, stride: int, jitter: bool = False
     return [(r + margin, r + margin + wh, c + margin, c + margin + ww) for r, c in corners]
 
 
-def local_paths(z: torch.Tensor, windows: list[tuple[int, int, int, int]], margin: int,
-                denoise: Callable[[torch.Tensor, list[tuple[int, int]]], torch.Tensor]) -> torch.Tensor:
-    """Denoise every window of the zero-padded latents, average where they overlap (MultiDiffusion).
-    denoise(views, crops) gets each window's micro-conditioning crop: 8 x its corner in the padded frame."""
-    h, w = z.shape[-2:]
+def local_views(z: torch.Tensor, windows: list[tuple[int, int, int, int]], margin: int) -> torch.Tensor:
+    """The local windows (top, bottom, left, right) of the latents zero-padded by margin, stacked."""
     zp = F.pad(z, (margin, margin, margin, margin))
-    views = torch.cat([zp[:, :, a:b, c:d] for a, b, c, d in windows])
-    out = denoise(views, [(8 * a, 8 * c) for a, _, c, _ in windows]).split(z.shape[0])
-    value, count = torch.zeros_like(zp), torch.zeros_like(zp[:1, :1])
-    for o, (a, b, c, d) in zip(out, windows):
-        value[:, :, a:b, c:d] += o
-        count[:, :, a:b, c:d] += 1
-    inner = (slice(None), slice(None), slice(margin, margin + h), slice(margin, margin + w))
+    return torch.cat([zp[:, :, a:b, c:d] for a, b, c, d in windows])
+
+
+def merge_windows(views: torch.Tensor, windows: list[tuple[int, int, int, int]], margin: int,
+                  size: tuple[int, int]) -> torch.Tensor:
+    """Put the denoised windows back and average where they overlap (MultiDiffusion, Eq. 4's local paths)."""
+    out = views.split(len(views) // len(windows))
+    b, c = out[0].shape[:2]
+    value = views.new_zeros(b, c, size[0] + 2 * margin, size[1] + 2 * margin)
+    count = views.new_zeros(1, 1, *value.shape[-2:])
+    for o, (top, bottom, left, right) in zip(out, windows):
+        value[:, :, top:bottom, left:right] += o
+        count[:, :, top:bottom, left:right] += 1
+    inner = (slice(None), slice(None), slice(margin, margin + size[0]), slice(margin, margin + size[1]))
     return value[inner] / count[inner]
 
 
@@ -139,30 +143,16 @@ def undilate(views: torch.Tensor, s: int) -> torch.Tensor:
     return views.reshape(s, s, n // (s * s), c, h, w).permute(2, 3, 4, 0, 5, 1).reshape(n // (s * s), c, h * s, w * s)
 
 
-def global_paths(z: torch.Tensor, s: int, blur_std: float,
-                 denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Shifted dilated sampling (Eq. 4-6). denoise(views, model_views): the UNet sees the blurred views,
-    the scheduler step moves the unblurred ones."""
-    zp, (ph, pw) = pad_to_multiple(z, s)
-    out = denoise(dilate(zp, s), dilate(blur_rescaled(zp, s, blur_std), s))
-    return undilate(out, s)[:, :, ph:, pw:]
+def global_views(z: torch.Tensor, s: int, blur_std: float) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """Shifted dilated sampling (Eq. 4-6): the s*s dilated views of the zero-padded latents, the same views of
+    their blurred copy (what the UNet sees; the scheduler step moves the unblurred ones), and the padding."""
+    zp, pad = pad_to_multiple(z, s)
+    return dilate(zp, s), dilate(blur_rescaled(zp, s, blur_std), s), pad
 
 
-def time_ids(size: tuple[int, int], crops: list[tuple[int, int]]) -> torch.Tensor:
-    # SDXL micro-conditioning rows: original size, crop top-left, target size (original = target here)
-    return torch.tensor([[*size, top, left, *size] for top, left in crops], dtype=torch.float32)
-
-
-@dataclass(frozen=True)
-class Cond:
-    """Text conditioning for classifier-free guidance, row 0 negative, row 1 positive (as Pipeline.encode_prompt
-    returns it): context (2, 77, C), pooled (2, P)."""
-    context: torch.Tensor
-    pooled: torch.Tensor
-
-    def __post_init__(self):
-        if self.context.shape[0] != 2 or self.pooled.shape[0] != 2:
-            raise ValueError("Cond wants exactly one negative and one positive row")
+def merge_dilated(views: torch.Tensor, s: int, pad: tuple[int, int]) -> torch.Tensor:
+    """Scatter the denoised dilated views back to their strided positions and drop the padding."""
+    return undilate(views, s)[:, :, pad[0]:, pad[1]:]
 
 
 class ScaleStats(NamedTuple):
@@ -188,12 +178,6 @@ class Resume(NamedTuple):
     anchor_std: float
 
 
-def is_out_of_memory(e: BaseException) -> bool:
-    # CUDA raises its own type; the CPU and MPS allocators raise a plain RuntimeError
-    return isinstance(e, torch.cuda.OutOfMemoryError) or (
-        isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e)))
-
-
 def _randn(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
@@ -206,51 +190,26 @@ def demofusion(unet: Callable, cond: Cond, *, height: int, width: int, base_px: 
                cosine_scale_3: float = 1.0, sigma: float = 0.8, jitter: bool = True,
                latents: torch.Tensor | None = None, noise: list[torch.Tensor] | None = None,
                scheduler: str = "ddim", progress: Callable[[int, int, int, int], None] | None = None,
-               resume: Resume | None = None, on_out_of_memory: Callable[[int], None] | None = None
-               ) -> Iterator[ScaleResult]:
+               resume: Resume | None = None, on_out_of_memory: Callable[[int], None] | None = None,
+               runner: Callable[..., ViewRunner] = ViewRunner) -> Iterator[ScaleResult]:
     """Yield ScaleResult(scale, latents, stats) as each scale 1..S finishes; scales >= 2 renormalised.
 
-    unet(latents (N,4,h,w), timesteps (N,), context (N,77,C), pooled (N,P), time_ids (N,6)) -> eps.
+    unet(latents (N,4,h,w), timesteps (N,), context (N,L,C), pooled (N,P), time_ids (N,6)) -> eps.
     latents: phase-1 initial noise (1,4,h,w), unscaled; noise: one tensor per scale >= 2. What is not
     injected is drawn from `generator`, in that order (phase-1 noise, then per scale its noise and the
     window jitter of each step). progress(scale, step, steps, unet_evals so far in this scale).
     resume: start after a finished scale instead of at phase 1.
-    When a UNet call runs out of memory the view batch is halved for the rest of the run and the call
-    retried (the same views, so the same result); on_out_of_memory(new batch) is told. Only a single view
-    that does not fit is an error.
+    Every step's views go through one `runner` (views.ViewRunner, or a factory taking its arguments: a
+    ControlNet or minifusion.distributed plug in there), which batches them view_batch_size at a time and
+    halves the batch when memory runs out (on_out_of_memory(new batch) is told).
     """
     sch = SCHEDULERS[scheduler](steps)
     pairs = list(zip(sch.timesteps, sch.timesteps[1:] + [-1]))
     sizes = scale_sizes(height, width, base_px)
-    device, dtype = cond.context.device, cond.context.dtype
+    device = cond.context.device
     margin = window_margin(window, stride)
-    evals = calls = 0
-    batch = view_batch_size
-
-    def guided_eps(x: torch.Tensor, t: int, crops: list[tuple[int, int]]) -> torch.Tensor:
-        # each view twice (uncond, cond interleaved) in one call, `batch` views at a time
-        nonlocal evals, calls, batch
-        out, k = [], 0
-        while k < len(x):
-            n = min(batch, len(x) - k)
-            try:
-                e = unet(sch.scale_input(x[k:k + n], t).repeat_interleave(2, dim=0).to(dtype),
-                         torch.full((2 * n,), float(t), device=device),
-                         cond.context.repeat(n, 1, 1), cond.pooled.repeat(n, 1),
-                         time_ids((height, width), crops[k:k + n]).repeat_interleave(2, dim=0).to(device)).float()
-            except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
-                if not is_out_of_memory(err) or n == 1:
-                    raise
-                batch = n // 2
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if on_out_of_memory is not None:
-                    on_out_of_memory(batch)
-                continue
-            uncond, text = e[0::2], e[1::2]
-            out.append(uncond + guidance_scale * (text - uncond))
-            evals, calls, k = evals + 2 * n, calls + 1, k + n
-        return torch.cat(out)
+    run_views = runner(unet, cond, size=(height, width), guidance_scale=guidance_scale, batch=view_batch_size,
+                       on_out_of_memory=on_out_of_memory)
 
     if noise is not None and len(noise) != len(sizes) - 1:
         raise ValueError(f"{len(sizes)} scales need {len(sizes) - 1} noise tensors, got {len(noise)}")
@@ -262,10 +221,11 @@ def demofusion(unet: Callable, cond: Cond, *, height: int, width: int, base_px: 
             raise ValueError(f"phase-1 latents must be {(1, LATENT_CHANNELS, *sizes[0])}, got {tuple(latents.shape)}")
         z = latents.to(device, torch.float32) * sch.init_sigma
         for i, (t, t_prev) in enumerate(pairs):
-            z = sch.step(z, guided_eps(z, t, [(0, 0)]), t, t_prev)
+            eps, = run_views([(sch.scale_input(z, t), [Whole()])], t, i, 1)
+            z = sch.step(z, eps, t, t_prev)
             if progress is not None:
-                progress(1, i + 1, steps, evals)
-        yield ScaleResult(1, z, ScaleStats(sizes[0], 0, 0, evals, calls))
+                progress(1, i + 1, steps, run_views.evals)
+        yield ScaleResult(1, z, ScaleStats(sizes[0], 0, 0, run_views.evals, run_views.calls))
         anchor_mean, anchor_std = z.mean(), z.std()  # the statistics every later scale is renormalised to
         first = 2
     else:
@@ -277,7 +237,7 @@ def demofusion(unet: Callable, cond: Cond, *, height: int, width: int, base_px: 
         first = resume.scale + 1
 
     for s in range(first, len(sizes) + 1):
-        evals = calls = 0
+        evals, calls = run_views.evals, run_views.calls
         z_up = upsample(z, sizes[s - 1])
         eps = noise[s - 2].to(device, torch.float32) if noise is not None else _randn(z_up.shape, generator, device)
         if eps.shape != z_up.shape:
@@ -285,16 +245,21 @@ def demofusion(unet: Callable, cond: Cond, *, height: int, width: int, base_px: 
         h, w = z_up.shape[-2:]
         n_windows = len(local_windows(h, w, window, stride))
         z = sch.add_noise(z_up, eps, pairs[0][0])  # Eq. 2 at t_0
-        for i, (t, t_prev) in enumerate(pairs):
+        for k, (t, t_prev) in enumerate(pairs):
             z = skip_residual(z, sch.add_noise(z_up, eps, t), t, cosine_scale_1)  # Eq. 2 (same eps), Eq. 3
             windows = local_windows(h, w, window, stride, jitter, generator)
-            local = local_paths(z, windows, margin,
-                                lambda v, crops: sch.step(v, guided_eps(v, t, crops), t, t_prev))
+            local = local_views(z, windows, margin)
             c3 = 0.99 * cosine_factor(t) ** cosine_scale_3 + 0.01
-            global_ = global_paths(z, s, sigma * c3,
-                                   lambda v, v_blur: sch.step(v, guided_eps(v_blur, t, [(0, 0)] * len(v)), t, t_prev))
-            z = fuse(local, global_, t, cosine_scale_2)
+            dilated, blurred, pad = global_views(z, s, sigma * c3)
+            # every UNet view of the step at once: the UNet sees the blurred dilated views (Eq. 6)
+            eps_local, eps_global = run_views(
+                [(sch.scale_input(local, t), [Window(*box, margin) for box in windows]),
+                 (sch.scale_input(blurred, t), [Dilated(i, j, s, *pad) for i in range(s) for j in range(s)])],
+                t, k, s)
+            z = fuse(merge_windows(sch.step(local, eps_local, t, t_prev), windows, margin, (h, w)),
+                     merge_dilated(sch.step(dilated, eps_global, t, t_prev), s, pad), t, cosine_scale_2)  # Eq. 5
             if progress is not None:
-                progress(s, i + 1, steps, evals)
+                progress(s, k + 1, steps, run_views.evals - evals)
         z = renormalise(z, anchor_mean, anchor_std)
-        yield ScaleResult(s, z, ScaleStats(sizes[s - 1], n_windows, s * s, evals, calls))
+        yield ScaleResult(s, z, ScaleStats(sizes[s - 1], n_windows, s * s, run_views.evals - evals,
+                                           run_views.calls - calls))

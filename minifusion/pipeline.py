@@ -16,10 +16,11 @@ from . import memory
 from .checkpoint import Configs, load_components
 from .decode import decode_tiled
 from .encode import base_scale_size, encode_tiled, load_image, open_image, sample_latents
-from .demofusion import Cond, Resume, demofusion, is_out_of_memory, scale_sizes
+from .demofusion import Resume, demofusion, scale_sizes
 from .files import SavedScale
 from .schedulers import SCHEDULERS
 from .tokenizer import Tokenizer
+from .views import Cond, is_out_of_memory
 
 log = logging.getLogger("minifusion")
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights"

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
-from minifusion.demofusion import (Cond, blur_rescaled, cosine_factor, demofusion, dilate, fuse, gaussian_blur,
-                                   global_paths, local_paths, local_windows, pad_to_multiple, renormalise,
-                                   scale_sizes, skip_residual, undilate, window_margin)
+from minifusion.demofusion import (blur_rescaled, cosine_factor, demofusion, dilate, fuse, gaussian_blur,
+                                   global_views, local_views, local_windows, merge_dilated, merge_windows,
+                                   pad_to_multiple, renormalise, scale_sizes, skip_residual, undilate, window_margin)
+from minifusion.views import Cond
 from minifusion.schedulers import alphas_cumprod
 
 SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
@@ -133,34 +134,25 @@ def test_windows_jitter_is_seeded():
     assert run(3) != local_windows(64, 64, 16, 4)
 
 
-def test_local_paths_average_overlaps():
+def test_merge_windows_averages_overlaps():
     # one row of 10 latents, window 4, stride 2 (margin 0): windows cover columns 0-3, 2-5, 4-7, 6-9;
     # window k "denoises" to the constant k + 1, so the average is 1 | 1.5 | 2.5 | 3.5 | 4 by pairs
-    z = torch.zeros(1, 1, 1, 10)
     windows = local_windows(1, 10, 4, 2)
-    seen = []
-
-    def denoise(views, crops):
-        seen.extend(crops)
-        return torch.arange(1.0, len(views) + 1)[:, None, None, None].expand_as(views)
-
-    out = local_paths(z, windows, 0, denoise)
+    views = local_views(torch.zeros(1, 1, 1, 10), windows, 0)
+    denoised = torch.arange(1.0, len(views) + 1)[:, None, None, None].expand_as(views)
+    out = merge_windows(denoised, windows, 0, (1, 10))
     torch.testing.assert_close(out, torch.tensor([1, 1, 1.5, 1.5, 2.5, 2.5, 3.5, 3.5, 4, 4]).reshape(1, 1, 1, 10))
-    assert seen == [(0, 0), (0, 16), (0, 32), (0, 48)]
 
 
-def test_local_paths_padded_frame():
-    # with a margin the windows read the zero-padded latents; an identity denoise gives z back
+def test_local_views_in_the_padded_frame():
+    # with a margin the windows read the zero-padded latents; merging them unchanged gives z back
     z = torch.randn(1, 4, 16, 10)
     windows = local_windows(16, 10, 8, 4, jitter=True, generator=torch.Generator().manual_seed(0))
     zp = F.pad(z, (1, 1, 1, 1))
-
-    def denoise(views, crops):
-        for v, (a, b, c, d), crop in zip(views, windows, crops):
-            assert torch.equal(v, zp[0, :, a:b, c:d]) and crop == (8 * a, 8 * c)
-        return views
-
-    torch.testing.assert_close(local_paths(z, windows, 1, denoise), z)
+    views = local_views(z, windows, 1)
+    for v, (a, b, c, d) in zip(views, windows):
+        assert torch.equal(v, zp[0, :, a:b, c:d])
+    torch.testing.assert_close(merge_windows(views, windows, 1, (16, 10)), z)
 
 
 # ---- global paths (shifted dilated sampling) ----
@@ -224,23 +216,18 @@ def test_blur_rescaled_keeps_global_stats():
     assert out[4, 6] == out[0, 0] and out[2, 2] == out[0, 0]
 
 
-def test_global_paths_blurred_in_unblurred_stepped():
+def test_global_views_blurred_for_the_unet_unblurred_to_step():
     z = torch.randn(1, 4, 7, 5)
     s, sd = 3, 0.5
     zp = F.pad(z, (1, 0, 2, 0))  # 7 -> 9 rows, 5 -> 6 columns
     blurred = blur_rescaled(zp, s, sd)
-    seen = {}
-
-    def denoise(views, model_views):
-        seen["views"], seen["model"] = views, model_views
-        return views * 2 + 1
-
-    out = global_paths(z, s, sd, denoise)
+    views, model_views, pad = global_views(z, s, sd)
+    assert pad == (2, 1)
     for i in range(s):
         for j in range(s):
-            assert torch.equal(seen["views"][i * s + j], zp[0, :, i::s, j::s])
-            assert torch.equal(seen["model"][i * s + j], blurred[0, :, i::s, j::s])
-    torch.testing.assert_close(out, z * 2 + 1)
+            assert torch.equal(views[i * s + j], zp[0, :, i::s, j::s])
+            assert torch.equal(model_views[i * s + j], blurred[0, :, i::s, j::s])
+    torch.testing.assert_close(merge_dilated(views * 2 + 1, s, pad), z * 2 + 1)
 
 
 # ---- the loop ----
