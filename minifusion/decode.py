@@ -37,8 +37,21 @@ from minifusion.models.vae import VAE
 
 @dataclass
 class _Map:
-    data: torch.Tensor  # (B, C, H, W), the whole feature map, on the storage device
+    """A feature map (B, C, H, W) on the storage device: `data` holds its rows top .. top + data rows (all of them in
+    one process; a band of them on each rank of a group); `spans` says which rows each rank holds."""
+    data: torch.Tensor
     moments: torch.Tensor | None = None  # (B, groups, 2): fp64 sum and sum of squares, for the next GroupNorm
+    top: int = 0
+    height: int | None = None  # of the whole map; None: data's own
+    spans: list[tuple[int, int]] | None = None  # rows (first, end) held by each rank; None: data's own, one process
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        B, C, h, W = self.data.shape
+        return B, C, h if self.height is None else self.height, W
+
+    def rows(self, a: int, b: int) -> torch.Tensor:
+        return self.data[:, :, a - self.top:b - self.top]
 
 
 def _spans(n: int, tile: int) -> list[tuple[int, int]]:
@@ -46,14 +59,54 @@ def _spans(n: int, tile: int) -> list[tuple[int, int]]:
     return [(i * n // k, (i + 1) * n // k) for i in range(k)]
 
 
+Box = tuple[int, int, int, int]  # rows y0:y1, columns x0:x1
+
+
+class Alone:
+    """One process computes every tile: the share of work that minifusion.distributed.TileShare splits by ranks."""
+    rank = 0
+
+    def split(self, tiles: list[Box]) -> list[list[Box]]:
+        return [tiles]
+
+    def fetch(self, x: _Map, needs: list[tuple[int, int]]) -> _Map:
+        return x
+
+    def band(self, data: torch.Tensor, shares: list[list[Box]], height: int) -> _Map:
+        return _Map(data)
+
+    def moments(self, mine: list[torch.Tensor], shares: list[list[Box]], shape: tuple[int, ...]) -> torch.Tensor:
+        total = 0  # tile by tile in tile order: the summation order every process count must keep
+        for m in mine:
+            total = total + m
+        return total
+
+    def each(self, tiles: list[Box], shares: list[list[Box]], compute: Callable, store: Callable,
+             step: Callable[[], None], shapes: Callable) -> None:
+        """store(i, *compute(tiles[i])) for every tile, in tile order (a group computes a share on each rank and
+        gathers the results; `shapes(box)` gives their shapes and dtypes)."""
+        for i, box in enumerate(tiles):
+            store(i, *compute(box))
+            step()
+
+    def whole(self, x: _Map) -> torch.Tensor:
+        return x.data
+
+
+def _rows(boxes: list[Box]) -> tuple[int, int]:
+    return (min(b[0] for b in boxes), max(b[1] for b in boxes)) if boxes else (0, 0)
+
+
 class _Stages:
-    """Runs decoder stages tile by tile; with `dry=True` it only counts the tiles (for the progress total)."""
+    """Runs decoder stages tile by tile; with `dry=True` it only counts the tiles (for the progress total).
+    `share` decides which tiles this process computes (`Alone`: all of them)."""
 
     def __init__(self, vae: VAE, tile: int, storage: torch.device, dry: bool = False,
-                 step: Callable[[], None] = lambda: None):
+                 step: Callable[[], None] = lambda: None, share=None):
         w = vae.post_quant_conv.weight
         self.device, self.dtype, self.groups = w.device, w.dtype, vae.cfg.norm_groups
         self.tile, self.storage, self.dry, self.step = tile, storage, dry, step
+        self.share = share or Alone()
         self.count = 0
 
     def _tiles(self, H: int, W: int, tile: int | None = None) -> list[tuple[int, int, int, int]]:
@@ -63,10 +116,16 @@ class _Stages:
     def _empty(self, B: int, C: int, H: int, W: int) -> torch.Tensor:
         return torch.empty(B, C, H, W, device="meta" if self.dry else self.storage, dtype=self.dtype)
 
+    def _output(self, B: int, C: int, H: int, W: int, shares: list[list[Box]], moments: bool) -> _Map:
+        a, b = _rows(shares[self.share.rank])
+        out = self.share.band(self._empty(B, C, b - a, W), shares, H)
+        out.moments = 0 if moments else None
+        return out
+
     def _norm(self, t: torch.Tensor, x: _Map, gn: nn.GroupNorm) -> torch.Tensor:
         """GroupNorm of a crop `t` of `x` with the statistics of all of `x`: biased variance, applied in fp32
         as x * scale + shift, the way torch's own GroupNorm kernel does."""
-        B, C, H, W = x.data.shape
+        B, C, H, W = x.shape
         n = C // gn.num_groups * H * W
         mean = x.moments[..., 0] / n
         rstd = ((x.moments[..., 1] / n - mean ** 2).clamp_min(0) + gn.eps).rsqrt()
@@ -86,24 +145,39 @@ class _Stages:
         """`after(conv(silu(norm(before(x)))))` [+ `shortcut(residual)`], on the nearest-2x upsampled `x` if
         `upsample`. `pad`: zeros (before, after) on both axes where the module pads itself (LDM's Downsample:
         (0, 1)); default the conv's own symmetric padding."""
-        B, _, H, W = x.data.shape
+        B, _, H, W = x.shape
         u, st, k = 2 if upsample else 1, conv.stride[0], conv.kernel_size[0]
         lo, hi = pad if pad is not None else (conv.padding[0],) * 2
         Hi, Wi = u * H, u * W  # the map the conv reads
         Ho, Wo = (Hi + lo + hi - k) // st + 1, (Wi + lo + hi - k) // st + 1
-        out = _Map(self._empty(B, conv.out_channels, Ho, Wo), 0 if moments else None)
         # output tiles of tile/stride: a strided conv's tile then reads an input tile of about the tile size
         tiles = self._tiles(Ho, Wo, max(1, self.tile // st))
+        shares = self.share.split(tiles)
+        out = self._output(B, conv.out_channels, Ho, Wo, shares, moments)
         if self.dry:
-            self.count += len(tiles)
+            self.count += len(shares[self.share.rank])
             return out
-        for y0, y1, x0, x1 in tiles:
-            # output row y reads input rows y*st - lo + [0, k): those inside the map are fetched, the rest
-            # is the conv's zero padding; tiles in output space so a strided conv reads exactly its own inputs
+
+        def reads(y0, y1):  # output rows y0:y1 read input rows y*st - lo + [0, k), clipped to the map
+            return max(y0 * st - lo, 0), min((y1 - 1) * st - lo + k, Hi)
+
+        def source_rows(boxes):
+            if not boxes:
+                return 0, 0
+            a0, a1 = reads(*_rows(boxes))
+            return a0 // u, -(-a1 // u)
+
+        x = self.share.fetch(x, [source_rows(b) for b in shares])
+        if residual is not None:
+            residual = self.share.fetch(residual, [_rows(b) for b in shares])
+        stats = []
+        for y0, y1, x0, x1 in shares[self.share.rank]:
+            # those input rows inside the map are fetched, the rest is the conv's zero padding; tiles in output
+            # space so a strided conv reads exactly its own inputs
             r0, r1, c0, c1 = y0 * st - lo, (y1 - 1) * st - lo + k, x0 * st - lo, (x1 - 1) * st - lo + k
-            a0, a1, b0, b1 = max(r0, 0), min(r1, Hi), max(c0, 0), min(c1, Wi)
+            (a0, a1), b0, b1 = reads(y0, y1), max(c0, 0), min(c1, Wi)
             # always a copy, as it is from host storage to a GPU: the same allocations on every device
-            t = x.data[:, :, a0 // u:-(-a1 // u), b0 // u:-(-b1 // u)].to(self.device, copy=True)
+            t = x.rows(a0 // u, -(-a1 // u))[..., b0 // u:-(-b1 // u)].to(self.device, copy=True)
             if before is not None:
                 t = before(t)
             if norm is not None:
@@ -115,12 +189,14 @@ class _Stages:
             if after is not None:
                 y = after(y)
             if residual is not None:
-                y = y + shortcut(residual.data[:, :, y0:y1, x0:x1].to(self.device, copy=True))
-            out.data[:, :, y0:y1, x0:x1] = y
+                y = y + shortcut(residual.rows(y0, y1)[..., x0:x1].to(self.device, copy=True))
+            out.rows(y0, y1)[..., x0:x1] = y
             if moments:
-                out.moments = out.moments + self._moments(y)
+                stats.append(self._moments(y))
             del t, y  # not alive while the next tile is fetched: the working set is one tile's, as memory.py assumes
             self.step()
+        if moments:
+            out.moments = self.share.moments(stats, shares, (B, self.groups, 2))
         return out
 
     def resblock(self, x: _Map, block: nn.Module) -> _Map:
@@ -128,39 +204,47 @@ class _Stages:
         return self.conv(h, block.conv2, norm=block.norm2, residual=x, shortcut=block.nin_shortcut)
 
     def attention(self, x: _Map, attn: nn.Module) -> _Map:
-        B, C, H, W = x.data.shape
-        out = _Map(self._empty(B, C, H, W), 0)
+        B, C, H, W = x.shape
         tiles = self._tiles(H, W)
+        shares = self.share.split(tiles)
+        out = self._output(B, C, H, W, shares, moments=True)
         if self.dry:
-            self.count += 2 * len(tiles)  # a pass for the keys and values, one for the queries
+            self.count += 3 * len(shares[self.share.rank])  # a pass for the keys, one for the values, one for the queries
             return out
+        x = self.share.fetch(x, [_rows(b) for b in shares])
 
         def normed(y0, y1, x0, x1):
-            t = x.data[:, :, y0:y1, x0:x1].to(self.device, copy=True)
+            t = x.rows(y0, y1)[..., x0:x1].to(self.device, copy=True)
             return t, self._norm(t, x, attn.norm)
 
-        # keys and values of every latent pixel, written in place (their order is irrelevant to softmax
-        # attention); (B, 1, N, C), contiguous as fused SDPA needs
+        # keys and values of every latent pixel, written in place in tile order; (B, 1, N, C), contiguous as
+        # fused SDPA needs. One pass each, so only one tile's projection is alive at a time
         k, v = (torch.empty_strided((B, 1, H * W, C), (H * W * C, H * W * C, C, 1), device=self.device,
                                     dtype=self.dtype) for _ in range(2))
-        n = 0
-        for box in tiles:
-            _, h = normed(*box)
-            m = h.shape[-2] * h.shape[-1]
-            k[:, 0, n:n + m] = attn.k(h).flatten(2).transpose(1, 2)
-            v[:, 0, n:n + m] = attn.v(h).flatten(2).transpose(1, 2)
-            n += m
-            del h
-            self.step()
+        ends = [0]
         for y0, y1, x0, x1 in tiles:
+            ends.append(ends[-1] + (y1 - y0) * (x1 - x0))
+        for buf, proj in ((k, attn.k), (v, attn.v)):
+            def project(box, proj=proj):
+                _, h = normed(*box)
+                return [proj(h).flatten(2).transpose(1, 2)]
+
+            def store(i, p, buf=buf):
+                buf[:, 0, ends[i]:ends[i + 1]] = p
+
+            self.share.each(tiles, shares, project, store, self.step,
+                            lambda box: [((B, (box[1] - box[0]) * (box[3] - box[2]), C), self.dtype)])
+        stats = []
+        for y0, y1, x0, x1 in shares[self.share.rank]:
             t, h = normed(y0, y1, x0, x1)
             q = attn.q(h).flatten(2).transpose(1, 2).contiguous()[:, None]
             o = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(B, C, y1 - y0, x1 - x0)
             y = t + attn.proj_out(o)
-            out.data[:, :, y0:y1, x0:x1] = y
-            out.moments = out.moments + self._moments(y)
+            out.rows(y0, y1)[..., x0:x1] = y
+            stats.append(self._moments(y))
             del t, h, q, o, y
             self.step()
+        out.moments = self.share.moments(stats, shares, (B, self.groups, 2))
         return out
 
 
@@ -181,24 +265,26 @@ def _decoder(run: _Stages, vae: VAE, z: _Map) -> _Map:
 
 @torch.no_grad()
 def decode_tiled(vae: VAE, latents: torch.Tensor, tile: int = 256, storage: str | torch.device | None = "cpu",
-                 progress: bool | Callable[[int, int], None] | None = None) -> torch.Tensor:
+                 progress: bool | Callable[[int, int], None] | None = None, share=None) -> torch.Tensor:
     """Unscaled latents (B, C, h, w) -> image (B, 3, 8h, 8w) in about [-1, 1], equal to `vae.decode(latents)`.
 
     Computes on the VAE's device in its dtype. `tile`: tile side in pixels of each stage's own feature map.
     `storage`: device of the full-map buffers and of the returned image (None: the VAE's device).
     `progress`: True for a tqdm bar, or a callable(done, total) called after every tile.
+    `share`: which tiles this process computes (default all; minifusion.distributed.TileShare splits them over
+    the ranks of a group, each holding only its rows of every feature map).
     """
-    return _run(_decoder, vae, latents, tile, storage, progress, "VAE decode")
+    return _run(_decoder, vae, latents, tile, storage, progress, "VAE decode", share)
 
 
 def _run(body: Callable[[_Stages, VAE, _Map], _Map], vae: VAE, x: torch.Tensor, tile: int,
          storage: str | torch.device | None, progress: bool | Callable[[int, int], None] | None,
-         desc: str) -> torch.Tensor:
+         desc: str, share=None) -> torch.Tensor:
     """`body` (the decoder's or the encoder's stages) on `x`, tile by tile, as `decode_tiled` documents."""
     if not isinstance(tile, int) or isinstance(tile, bool) or tile < 1:
         raise ValueError(f"tile {tile!r} must be a positive integer (pixels of each stage's feature map)")
     storage = torch.device(storage) if storage is not None else vae.post_quant_conv.weight.device
-    plan = _Stages(vae, tile, storage, dry=True)
+    plan = _Stages(vae, tile, storage, dry=True, share=share)
     body(plan, vae, _Map(torch.empty(x.shape, device="meta")))
     total, done = plan.count, 0
     bar = tqdm(total=total, desc=desc, unit="tile") if progress is True else None
@@ -211,8 +297,8 @@ def _run(body: Callable[[_Stages, VAE, _Map], _Map], vae: VAE, x: torch.Tensor, 
         elif callable(progress):
             progress(done, total)
 
-    run = _Stages(vae, tile, storage, step=step)
-    out = body(run, vae, _Map(x.to(storage, run.dtype))).data
+    run = _Stages(vae, tile, storage, step=step, share=share)
+    out = run.share.whole(body(run, vae, _Map(x.to(storage, run.dtype))))
     if bar is not None:
         bar.close()
     return out

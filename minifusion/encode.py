@@ -43,14 +43,16 @@ def _encoder(run: _Stages, vae: VAE, x: _Map) -> _Map:
 
 @torch.no_grad()
 def encode_tiled(vae: VAE, images: torch.Tensor, tile: int = 256, storage: str | torch.device | None = "cpu",
-                 progress: bool | Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 progress: bool | Callable[[int, int], None] | None = None, share=None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (B, 3, H, W) in [-1, 1] -> (mean, logvar), each (B, C, H//8, W//8), equal to `vae.encode(images)`.
 
     Computes on the VAE's device in its dtype. `tile`: tile side in pixels of each stage's own feature map.
     `storage`: device of the full-map buffers and of the results (None: the VAE's device).
     `progress`: True for a tqdm bar, or a callable(done, total) called after every tile.
+    `share`: which tiles this process computes, as in decode_tiled.
     """
-    mean, logvar = _run(_encoder, vae, images, tile, storage, progress, "VAE encode").chunk(2, dim=1)
+    mean, logvar = _run(_encoder, vae, images, tile, storage, progress, "VAE encode", share).chunk(2, dim=1)
     return mean, logvar.clamp(-30.0, 20.0)  # as VAE.encode
 
 

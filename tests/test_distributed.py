@@ -1,0 +1,93 @@
+"""View parallelism on torch.distributed (gloo, one thread per rank): 2 and 3 ranks give what one process gives,
+bit for bit — latents, pixels, tiled decode and encode, image-to-image — and a failure or out of memory on one
+rank reaches every rank."""
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from minifusion.decode import decode_tiled
+from minifusion.distributed import assign, images_of_rank
+from minifusion.encode import encode_tiled
+
+sys.path.insert(0, str(Path(__file__).parent))
+import distributed_cases as cases  # noqa: E402
+
+CASES_SCRIPT = Path(__file__).with_name("distributed_cases.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(n: int, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank runs: the same kernels, so the same bits
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_pipe, one_thread):
+    """What one process computes for every case of distributed_cases.py."""
+    out = {name: tiny_pipe.generate(**kw) for name, kw in cases.CASES.items()}
+    g = torch.Generator().manual_seed(5)
+    latents = torch.randn(1, 4, 40, 24, generator=g)
+    out["decode"] = decode_tiled(tiny_pipe.vae, latents, tile=64)
+    out["encode"] = encode_tiled(tiny_pipe.vae, torch.rand(1, 3, 200, 136, generator=g) * 2 - 1, tile=64)
+    out["img2img"] = tiny_pipe.generate("a fox", image=tiny_pipe.decode(latents), num_inference_steps=2, seed=2)
+    # out of memory on one rank halves the view batch, as it does in one process: the rest runs 1 view a call
+    out["oom"] = tiny_pipe.generate(**(cases.CASES["euler"] | {"view_batch_size": 1}))
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_view_parallel_equals_one_process(n, tiny_file, alone, tmp_path):
+    proc = torchrun(n, CASES_SCRIPT, tiny_file, tmp_path / "got.pt")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    everyone = torch.load(tmp_path / "got.pt", weights_only=False)
+    assert len(everyone) == n
+    for got in everyone:
+        for name in cases.CASES:
+            want = alone[name]
+            assert len(got[name]["latents"]) == len(want.latents)
+            for a, b in zip(got[name]["latents"], want.latents):
+                assert torch.equal(a, b), name
+            for a, b in zip(got[name]["pixels"], want.images):
+                assert np.array_equal(a, np.asarray(b)), name
+            assert got[name]["evals"] == [s["unet_evaluations"] for s in want.stats]
+        assert torch.equal(got["decode"], alone["decode"])
+        assert all(torch.equal(a, b) for a, b in zip(got["encode"], alone["encode"]))
+        assert all(torch.equal(a, b) for a, b in zip(got["img2img"], alone["img2img"].latents))
+        assert all(torch.equal(a, b) for a, b in zip(got["oom"], alone["oom"].latents))
+    # the injected failure on the last rank: that rank raises it, every other rank names it and the rank
+    assert everyone[-1]["failure"] == "ValueError: injected failure"
+    for got in everyone[:-1]:
+        assert got["failure"] == f"DistributedError: rank {n - 1} failed in a UNet call: ValueError: injected failure"
+
+
+def test_assign_balances_whole_calls():
+    # the costliest call first, each to the least loaded rank; ties to the lower rank
+    assert assign([16, 16, 16, 1, 16], 4) == [0, 1, 2, 0, 3]
+    assert assign([5, 3, 3], 2) == [0, 1, 1]
+    assert assign([1, 1, 1], 1) == [0, 0, 0]
+    assert assign([], 3) == []
+
+
+def test_images_of_rank_split_without_overlap():
+    assert [images_of_rank(7, r, 3) for r in range(3)] == [[0, 3, 6], [1, 4], [2, 5]]
+    assert images_of_rank(1, 1, 2) == []
