@@ -53,7 +53,6 @@ class Tokenizer:
         # the file starts with a version line; CLIP uses the first 49152 - 256 - 2 merges (vocab 49408)
         merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
         self.byte_encoder = bytes_to_unicode()
-        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         chars = list(self.byte_encoder.values())
         vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
         vocab += ["<|startoftext|>", "<|endoftext|>"]
@@ -91,15 +90,6 @@ class Tokenizer:
             word = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
             ids.extend(self.encoder[t] for t in self.bpe(word))
         return ids
-
-    def decode(self, ids: list[int]) -> str:
-        text = "".join(self.decoder[i] for i in ids)
-        raw = bytearray(self.byte_decoder[c] for c in text)
-        return raw.decode("utf-8", errors="replace").replace("</w>", " ").strip()
-
-    def truncated(self, prompt: str) -> str:
-        """The text that does not fit in the 75 content tokens (empty if it all fits), for a warning."""
-        return self.decode(self.encode(prompt)[CONTEXT - 2:])
 
     def __call__(self, prompts: str | list[str], pad_id: int) -> torch.Tensor:
         """(B, 77) ids: BOS, at most 75 tokens, EOS, then pad_id (SDXL: EOS for encoder 1, 0 for encoder 2)."""
