@@ -1,49 +1,55 @@
-"""python -m minifusion "a prompt" --out img.png [--height 4096 --width 4096 ...]
+"""minifusion "a prompt" --out img.png [--height 4096 --width 4096 ...]      (or: python -m minifusion ...)
 
 Writes every scale as soon as it is ready: img.x1.png (the base size), img.x2.png, ..., and the last scale as
 img.png, each with its latents beside it (img.x2.latent.safetensors). Each PNG carries the prompt and every
-setting in its text metadata; `--settings-from img.png` runs those settings again, and
-`--resume img.x2.latent.safetensors` continues that run from scale 2, to the same or a larger size.
+setting (Automatic1111's `parameters` text and minifusion's JSON); `--settings-from img.png` runs them again, and
+`--resume img.x2.latent.safetensors` continues that run from scale 2, to the same or a larger size. Without
+--out, images are numbered in outputs/ (00001-<seed>.png, ...). Under torchrun the ranks share each image's
+work (view parallel) or, with --count / --prompts, the images (image parallel).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import math
 import os
+import re
+import secrets
+import shlex
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
-from . import memory
+from . import distributed, memory, metadata
 from .checkpoint import CheckpointError, inspect_checkpoint
-from .encode import base_scale_size, open_image
-from .files import LatentFileError, SavedScale, atomic_write, latent_path, load_latents, save_latents
+from .controlnet import canny
 from .demofusion import scale_sizes
-from .views import is_out_of_memory
+from .encode import ImageError, base_scale_size, open_image
+from .files import LatentFileError, SavedScale, atomic_write, latent_path, load_latents, save_latents
+from .metadata import CLI_SETTINGS, MODEL_SETTINGS, SETTINGS, NoSettings, save_png
 from .pipeline import DEFAULT_WEIGHTS, NonFiniteError, check_request, default_device, default_dtype, load, resident
+from .safetensors_check import NotSafetensors
 from .schedulers import SCHEDULERS
+from .views import is_out_of_memory
 
 log = logging.getLogger("minifusion")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-METADATA_KEY = "minifusion"
-# the settings a PNG records, CLI flag -> generate() argument
-SETTINGS = {"prompt": "prompt", "negative": "negative_prompt", "height": "height", "width": "width",
-            "steps": "num_inference_steps", "guidance": "guidance_scale", "seed": "seed",
-            "scheduler": "scheduler", "stride": "stride", "view_batch": "view_batch_size",
-            "c1": "cosine_scale_1", "c2": "cosine_scale_2", "c3": "cosine_scale_3", "sigma": "sigma",
-            "tiled_decode": "multi_decoder", "jitter": "jitter", "image": "image", "max_memory": "max_memory"}
-DEFAULTS = {"negative": None, "height": None, "width": None, "steps": 50, "guidance": 7.5, "seed": 0,
+DEFAULTS = {"negative": None, "height": None, "width": None, "steps": 50, "guidance": 7.5, "seed": None,
             "scheduler": "ddim", "stride": None, "view_batch": None, "c1": 3.0, "c2": 1.0, "c3": 1.0,
-            "sigma": 0.8, "tiled_decode": True, "jitter": True, "image": None, "max_memory": None}
+            "sigma": 0.8, "tiled_decode": True, "jitter": True, "image": None, "max_memory": None,
+            "weights": None, "lora": [], "vae": None, "embedding": [], "controlnet": [], "control_image": None,
+            "control_scale": 1.0, "control_start": 0.0, "control_end": 1.0, "guess_mode": False, "canny": False}
 CHECKED = ("height", "width", "num_inference_steps", "guidance_scale", "view_batch_size", "stride", "cosine_scale_1",
            "cosine_scale_2", "cosine_scale_3", "sigma", "scheduler")  # what check_request validates
+SEED_MAX = 2 ** 64 - 1  # torch.Generator's seeds
+RANDOM_SEEDS = 2 ** 32  # a drawn seed is below this: short to type, like Automatic1111's
+COUNT_MAX = 100_000
+OUTPUTS = Path("outputs")  # where numbered images go without --out
 
 
 class UserError(Exception):
@@ -51,18 +57,25 @@ class UserError(Exception):
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="python -m minifusion", description="DemoFusion high-resolution "
-                                 "text-to-image on SDXL: one image per scale, from the base size up.")
-    ap.add_argument("prompt", nargs="?", help="what to draw")
-    ap.add_argument("--out", type=Path, default=Path("out.png"), help="final image; scales go to NAME.xS.png")
+    ap = argparse.ArgumentParser(prog="minifusion", description="DemoFusion high-resolution text-to-image on "
+                                 "SDXL: one image per scale, from the base size up.")
+    ap.add_argument("prompt", nargs="?", help="what to draw (Automatic1111's emphasis syntax: (word:1.3), [word], "
+                    "BREAK; any length)")
+    ap.add_argument("--version", action="version", version=f"minifusion {metadata.VERSION}")
+    ap.add_argument("--out", type=Path, help="final image; scales go to NAME.xS.png (default: numbered files in "
+                    "outputs/)")
+    ap.add_argument("--count", type=int, default=1, help="images to make, with seeds seed, seed+1, ... (default 1)")
+    ap.add_argument("--prompts", type=Path, help="a text file of prompts, one a line: one image each (times "
+                    "--count)")
     ap.add_argument("--image", type=str, help="upscale this picture: it replaces the base scale (image-to-image); "
-                    "--height/--width then default to 2x the base size keeping its aspect")
+                    "--height/--width then default to at least its size, keeping its aspect")
     ap.add_argument("--negative", help="negative prompt (default: none, i.e. zero embeddings as SDXL base)")
     ap.add_argument("--height", type=int, help="final height in px, a multiple of 8 (default: 2x the base size)")
     ap.add_argument("--width", type=int, help="final width in px, a multiple of 8 (default: 2x the base size)")
     ap.add_argument("--steps", type=int, help="denoising steps per scale (default 50)")
     ap.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.5)")
-    ap.add_argument("--seed", type=int, help="random seed; the same seed reproduces a run (default 0)")
+    ap.add_argument("--seed", type=int, help="random seed; the same seed reproduces a run (default, and -1: a random "
+                    "seed, printed and recorded in the PNG)")
     ap.add_argument("--scheduler", choices=list(SCHEDULERS), help="default ddim")
     ap.add_argument("--stride", type=int, help="local window stride in latents (default: half the window, 64 for SDXL)")
     ap.add_argument("--view-batch", type=int, dest="view_batch",
@@ -79,17 +92,40 @@ def parse_args(argv):
                     help="decode each scale in one piece (more memory)")
     ap.add_argument("--no-jitter", dest="jitter", action="store_const", const=False,
                     help="place local windows without random jitter")
-    ap.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS,
-                    help="SDXL .safetensors file or diffusers folder (default: weights/)")
-    ap.add_argument("--device", help="cuda, mps or cpu (default: the first available)")
+    ap.add_argument("--weights", type=Path, help="SDXL .safetensors file or diffusers folder (default: weights/)")
+    ap.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]",
+                    help="a LoRA / LyCORIS file merged into the weights (weight 1 by default); repeatable")
+    ap.add_argument("--vae", type=Path, help="a VAE file or diffusers VAE folder instead of the checkpoint's (the "
+                    "fp16-fix VAE runs in float16 on GPUs)")
+    ap.add_argument("--embedding", action="append", metavar="PATH", help="an SDXL textual-inversion embedding "
+                    ".safetensors; its file name (without .safetensors) is the word that calls it; repeatable")
+    ap.add_argument("--controlnet", action="append", metavar="PATH", help="an SDXL ControlNet (file or folder); "
+                    "repeatable, one --control-image each")
+    ap.add_argument("--control-image", action="append", dest="control_image", metavar="IMG",
+                    help="the condition image of each --controlnet (edges, depth, pose, ...)")
+    ap.add_argument("--canny", action="store_const", const=True, help="make each condition from its --control-image with the "
+                    "Canny edge detector (thresholds 100/200, as the official demo)")
+    ap.add_argument("--control-scale", type=float, action="append", dest="control_scale", metavar="S",
+                    help="ControlNet strength (default 1), one for all or one per --controlnet")
+    ap.add_argument("--control-start", type=float, action="append", dest="control_start", metavar="A",
+                    help="fraction of each scale's steps before the ControlNet acts (default 0)")
+    ap.add_argument("--control-end", type=float, action="append", dest="control_end", metavar="B",
+                    help="fraction of each scale's steps after which it stops (default 1)")
+    ap.add_argument("--guess-mode", dest="guess_mode", action="store_const", const=True,
+                    help="ControlNet on the conditional rows only, residuals scaled from 0.1 to 1 (diffusers')")
+    ap.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the first available)")
     ap.add_argument("--dtype", choices=list(DTYPES),
                     help="default: float16 on GPUs; on CPUs bfloat16 where the CPU has it in hardware, else float32")
     ap.add_argument("--settings-from", type=Path, dest="settings_from",
-                    help="take the prompt and settings from a PNG minifusion wrote (flags still override)")
+                    help="take the prompt and settings (weights, LoRAs, ... too) from a PNG minifusion or "
+                    "Automatic1111 wrote (flags still override)")
     ap.add_argument("--resume", type=Path, help="continue from a finished scale's .latent.safetensors with its "
                     "settings (flags still override; --height/--width may go larger at the same aspect)")
     ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
     ap.add_argument("--force", action="store_true", help="run even when the size looks too large for the device")
+    ap.add_argument("--timeout", type=float, default=distributed.DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                    help="under torchrun: how long a rank waits for the others before giving up (default "
+                    f"{distributed.DEFAULT_TIMEOUT_S})")
     return ap.parse_args(argv)
 
 
@@ -100,34 +136,71 @@ def memory_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def lora_arg(text: str) -> list:
+    """PATH[:WEIGHT] -> [path, weight]; a colon inside the path (C:\\...) stays there."""
+    path, _, weight = text.rpartition(":")
+    try:
+        return [path, float(weight)] if path else [text, 1.0]
+    except ValueError:
+        return [text, 1.0]
+
+
 def resolve_settings(args, resume: SavedScale | None = None) -> dict:
     """Flags given on the command line, over settings from --settings-from or --resume, over the defaults."""
     settings = dict(DEFAULTS)
     if args.settings_from is not None:
-        settings.update(read_settings(args.settings_from))
+        try:
+            settings.update(metadata.read_settings(args.settings_from))
+        except NoSettings as e:
+            raise UserError(str(e)) from None
+        for name in ("weights", "vae"):
+            if settings.get(name) and not Path(settings[name]).exists():
+                raise UserError(f"--settings-from {args.settings_from}: the {name} it names, {settings[name]}, no "
+                                f"longer exist; pass --{name}")
     if resume is not None:
-        settings.update({k: v for k, v in resume.settings.items() if k in SETTINGS})
-    settings.update({k: v for k in list(SETTINGS) if (v := getattr(args, k, None)) is not None})
+        settings.update({k: v for k, v in resume.settings.items() if k in (*SETTINGS, *MODEL_SETTINGS, *CLI_SETTINGS)})
+    given = {k: getattr(args, k) for k in (*SETTINGS, *MODEL_SETTINGS, *CLI_SETTINGS)
+             if getattr(args, k, None) is not None}
+    if "lora" in given:
+        given["lora"] = [lora_arg(t) for t in given["lora"]]
+    for name in ("weights", "vae"):
+        if name in given:
+            given[name] = str(given[name])
+    for name in ("control_scale", "control_start", "control_end", "control_image"):
+        if name in given and len(given[name]) == 1:
+            given[name] = given[name][0]
+    settings.update(given)
     if args.image is not None:
         settings["image"] = str(Path(args.image).resolve())  # absolute, so --settings-from finds it again
-    if not settings.get("prompt"):
-        raise UserError("no prompt given; usage: python -m minifusion \"a prompt\" --out img.png")
+    settings["weights"] = settings["weights"] or str(DEFAULT_WEIGHTS)
     return settings
 
 
-def read_settings(png: Path) -> dict:
+def prompts_of(args, settings: dict) -> list[str]:
+    if args.prompts is None:
+        if not settings.get("prompt"):
+            raise UserError("no prompt given; usage: minifusion \"a prompt\" --out img.png")
+        return [settings["prompt"]]
+    if args.prompt is not None:
+        raise UserError("give a prompt or --prompts FILE, not both")
     try:
-        with Image.open(png) as im:
-            text = im.text.get(METADATA_KEY) if hasattr(im, "text") else None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{png}: cannot read it as an image ({e})") from None
-    if not text:
-        raise UserError(f"{png}: carries no minifusion settings (only PNGs written by minifusion do)")
-    try:
-        saved = json.loads(text)["settings"]
-        return {k: saved[k] for k in SETTINGS if k in saved}
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"{png}: its minifusion settings are unreadable") from None
+        lines = args.prompts.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--prompts {args.prompts}: cannot read it as UTF-8 text ({e})") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise UserError(f"--prompts {args.prompts}: holds no prompt (one a line)")
+    return prompts
+
+
+def seed_of(settings: dict) -> tuple[int, bool]:
+    """(seed, drawn at random)."""
+    seed = settings["seed"]
+    if seed is None or seed == -1:
+        return secrets.randbelow(RANDOM_SEEDS), True
+    if not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise UserError(f"--seed {seed}: a seed is a whole number from 0 to {SEED_MAX}, or -1 for a random one")
+    return seed, False
 
 
 def output_paths(out: Path, n_scales: int) -> list[Path]:
@@ -135,20 +208,53 @@ def output_paths(out: Path, n_scales: int) -> list[Path]:
     return [out.with_name(f"{out.stem}.x{s}{out.suffix}") for s in range(1, n_scales)] + [out]
 
 
-def save_png(image: Image.Image, path: Path, info: dict) -> None:
-    meta = PngImagePlugin.PngInfo()
-    meta.add_text(METADATA_KEY, json.dumps(info))
-    meta.add_text("parameters", info["settings"]["prompt"])
-    atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=meta))
+def numbered(folder: Path, seeds: list[int]) -> list[Path]:
+    """The next free numbers in `folder`, Automatic1111 style: 00001-<seed>.png, 00002-<seed>.png, ..."""
+    taken = [int(m.group(1)) for p in folder.glob("*.png") if (m := re.match(r"(\d+)-", p.name))]
+    first = max(taken, default=0) + 1
+    return [folder / f"{first + i:05d}-{seed}.png" for i, seed in enumerate(seeds)]
 
 
-def check_free_space(folder: Path, height: int, width: int, n_scales: int) -> None:
+def check_free_space(folder: Path, height: int, width: int, n_scales: int, images: int) -> None:
     """Refuse up front when the images cannot fit: PNGs of noise-like images approach 3 bytes a pixel."""
-    need = sum(3 * (height * s // n_scales) * (width * s // n_scales) for s in range(1, n_scales + 1))
+    need = images * sum(3 * (height * s // n_scales) * (width * s // n_scales) for s in range(1, n_scales + 1))
     free = shutil.disk_usage(folder).free
     if free < need:
         raise UserError(f"{folder}: only {free / 2**20:.0f} MiB free, the images may need up to "
                         f"{need / 2**20:.0f} MiB; free some space or choose another --out folder")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The device a --device names, refused in one line when torch or this machine has no such device."""
+    if name is None:
+        return default_device()
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name}: not a device name; use cuda, cuda:N, mps or cpu") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise UserError(f"--device {name}: {why}; use --device cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise UserError(f"--device {name}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise UserError(f"--device {name}: MPS is not available here (it needs Apple silicon and a torch built "
+                            "with MPS); use --device cpu")
+    elif dev.type != "cpu":
+        raise UserError(f"--device {name}: minifusion runs on cuda, mps or cpu, not {dev.type}")
+    return dev
+
+
+@dataclass
+class Job:
+    """One image: its prompt, seed and the files of its scales."""
+    prompt: str
+    seed: int
+    paths: list[Path]
 
 
 @dataclass
@@ -156,48 +262,71 @@ class Plan:
     device: torch.device
     dtype: torch.dtype
     settings: dict
-    kwargs: dict  # generate() arguments
-    paths: list[Path]  # one per scale
+    kwargs: dict  # generate() arguments shared by every image
+    jobs: list[Job]
     first: int  # the first scale this run computes (> 1 when resuming)
     resume: SavedScale | None
+    cfgs: object
+    record: dict  # settings only the command line knows, recorded beside the pipeline's in every image
+    lines: list[str] = field(default_factory=list)  # what to tell the user before loading
 
 
-def plan(args) -> Plan:
-    """Everything checked that can be checked before a model is loaded: paths, sizes, knobs, files."""
+def plan(args, device: torch.device | None = None) -> Plan:
+    """Everything checked that can be checked before a model is loaded: paths, sizes, knobs, files, device."""
     resume = None
     if args.resume is not None:
         if args.image is not None:
             raise UserError("--image and --resume do not go together: a resumed run already has its picture")
         try:
             resume = load_latents(args.resume)
+        except NotSafetensors as e:
+            hint = "; to rerun a PNG's settings use --settings-from" if "image" in e.kind else ""
+            raise UserError(f"--resume {e}{hint}") from None
         except LatentFileError as e:
             raise UserError(str(e)) from None
     settings = resolve_settings(args, resume)
+    prompts = prompts_of(args, settings)
+    if not 1 <= args.count <= COUNT_MAX:
+        raise UserError(f"--count {args.count}: make from 1 to {COUNT_MAX} images")
+    seed, drawn = seed_of(settings)
+    lines = []
     out = args.out
-    if out.suffix.lower() != ".png":
-        raise UserError(f"--out {out}: minifusion writes PNG files; use a name ending in .png")
-    if not out.parent.is_dir():
-        raise UserError(f"--out {out}: folder {out.parent} does not exist")
-    if not os.access(out.parent, os.W_OK):
-        raise UserError(f"--out {out}: folder {out.parent} is not writable")
+    if out is not None:
+        if out.suffix.lower() != ".png":
+            raise UserError(f"--out {out}: minifusion writes PNG files; use a name ending in .png")
+        if not out.parent.is_dir():
+            raise UserError(f"--out {out}: folder {out.parent} does not exist")
+        if not os.access(out.parent, os.W_OK):
+            raise UserError(f"--out {out}: folder {out.parent} is not writable")
+    elif OUTPUTS.exists() and not (OUTPUTS.is_dir() and os.access(OUTPUTS, os.W_OK)):
+        raise UserError(f"{OUTPUTS}/ is not a writable folder; pass --out")
 
-    cfgs = inspect_checkpoint(args.weights)  # headers only
+    try:
+        cfgs = inspect_checkpoint(settings["weights"])  # headers only
+    except NotSafetensors as e:
+        hint = "; to rerun a PNG's settings use --settings-from" if "image" in e.kind else ""
+        raise UserError(f"{e}{hint}") from None
     base, window = cfgs.unet.sample_size * 8, cfgs.unet.sample_size
     if settings["image"] is not None:
         try:
             img = open_image(settings["image"])
-            settings["height"], settings["width"] = base_scale_size(
-                img.width, img.height, base, settings["height"], settings["width"]).final
+            sizes = base_scale_size(img.width, img.height, base, settings["height"], settings["width"])
         except ValueError as e:  # ImageError included
             raise UserError(str(e)) from None
-    settings["height"] = settings["height"] or 2 * base
-    settings["width"] = settings["width"] or 2 * base
-    settings["stride"] = settings["stride"] or window // 2
-    kwargs = {SETTINGS[k]: v for k, v in settings.items() if k != "prompt"}
+        if settings["height"] is None and settings["width"] is None:
+            lines.append(f"image-to-image: the {img.width}x{img.height} picture becomes {sizes.final[1]}x"
+                         f"{sizes.final[0]} (at least twice the {base} px base size and at least the picture's own "
+                         f"size, on the {base} px grid of scales, keeping its aspect); --height/--width choose another")
+        settings["height"], settings["width"] = sizes.final
+    settings["height"] = 2 * base if settings["height"] is None else settings["height"]
+    settings["width"] = 2 * base if settings["width"] is None else settings["width"]
+    settings["stride"] = window // 2 if settings["stride"] is None else settings["stride"]
+    kwargs = {SETTINGS[k]: v for k, v in settings.items() if k in SETTINGS and k not in ("prompt", "seed")}
     try:
         check_request(base, window, **{k: kwargs[k] for k in CHECKED if kwargs[k] is not None})
     except ValueError as e:
         raise UserError(str(e)) from None
+    control(args, settings, kwargs)
 
     n_scales = max(1, int(max(settings["height"], settings["width"]) / base))
     first = resume.scale + 1 if resume is not None else 1
@@ -211,18 +340,69 @@ def plan(args) -> Plan:
             raise UserError(f"--resume {args.resume}: its scale-{first - 1} latents are {have[1]}x{have[0]}, but a "
                             f"{settings['width']}x{settings['height']} run has {want[1]}x{want[0]} there; keep the "
                             "aspect ratio of the run you resume")
-    paths = output_paths(out, n_scales)
-    existing = [str(q) for p in paths[first - 1:] for q in (p, latent_path(p)) if q.exists()]
+    images = [(p, (seed + k) % (SEED_MAX + 1)) for k, p in enumerate(q for q in prompts for _ in range(args.count))]
+    if len(images) == 1:
+        finals = [out] if out is not None else numbered(OUTPUTS, [images[0][1]])
+    elif out is not None:
+        finals = [out.with_name(f"{out.stem}-{i + 1:05d}-{s}{out.suffix}") for i, (_, s) in enumerate(images)]
+    else:
+        finals = numbered(OUTPUTS, [s for _, s in images])
+    jobs = [Job(p, s, output_paths(f, n_scales)) for (p, s), f in zip(images, finals)]
+    existing = [str(q) for job in jobs for p in job.paths[first - 1:] for q in (p, latent_path(p)) if q.exists()]
     if existing and not args.overwrite:
         raise UserError(f"{existing[0]} exists; pass --overwrite to replace it, or choose another --out")
-    check_free_space(out.parent, settings["height"], settings["width"], n_scales)
-    device = torch.device(args.device) if args.device else default_device()
+    check_free_space(out.parent if out is not None else Path("."), settings["height"], settings["width"], n_scales,
+                     len(jobs))
+    device = device or resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
+    settings["seed"] = seed
+    if drawn:
+        lines.append(f"seed {seed} (drawn at random; --seed {seed} makes " + ("this image" if len(jobs) == 1 else
+                     "these images") + " again)")
     if not args.force:
         check_fits(cfgs, settings, device, dtype)
     if settings["max_memory"] is not None:
-        plan_memory(cfgs, settings, device, dtype)
-    return Plan(device, dtype, settings, kwargs, paths, first, resume)
+        lines.append(plan_memory(cfgs, settings, device, dtype))
+    lines.append(describe(cfgs, settings, first, device, dtype, len(jobs)))
+    if out is None:
+        OUTPUTS.mkdir(exist_ok=True)
+    record = {k: settings[k] for k in ("control_image", "canny") if settings.get(k) is not None}
+    return Plan(device, dtype, settings, kwargs, jobs, first, resume, cfgs, record, lines)
+
+
+def control(args, settings: dict, kwargs: dict) -> None:
+    """Check the ControlNet flags against each other and, with --canny, make the edge images."""
+    nets, images = settings["controlnet"] or [], settings["control_image"]
+    images = [] if images is None else images if isinstance(images, list) else [images]
+    if not nets and not images:
+        for name in ("control_image", "control_scale", "control_start", "control_end", "guess_mode"):
+            kwargs.pop(SETTINGS[name], None)
+        return
+    if len(images) != len(nets):
+        raise UserError(f"{len(nets)} --controlnet but {len(images)} --control-image: give one image per ControlNet")
+    try:
+        pictures = [open_image(i) for i in images]
+        if settings["canny"]:
+            pictures = [canny(p) for p in pictures]
+    except (ImageError, ValueError, ImportError) as e:
+        raise UserError(str(e)) from None
+    kwargs["control_image"] = pictures if len(pictures) > 1 else pictures[0]
+
+
+def describe(cfgs, settings: dict, first: int, device: torch.device, dtype: torch.dtype, images: int) -> str:
+    """One line: the scales and their sizes, the UNet evaluations and the predicted peak memory."""
+    h, w = settings["height"], settings["width"]
+    base = cfgs.unet.sample_size * 8
+    sizes = [(8 * a, 8 * b) for a, b in scale_sizes(h, w, base)]
+    est = memory.estimate(cfgs, h, w, settings["steps"], view_batch_size=settings["view_batch"] or 16, dtype=dtype,
+                          decode_tile=256 if settings["tiled_decode"] else None, stride=settings["stride"],
+                          resident=resident(device))
+    evals = total_evals(cfgs, settings, first)
+    peak = max(memory.needs(est["scales"], device.type))
+    scales = " -> ".join(f"{b}x{a}" for a, b in sizes[first - 1:])
+    return (f"plan: {len(sizes) - first + 1} scale(s) {scales}, {evals * images} UNet evaluations"
+            + (f" ({images} images)" if images > 1 else "")
+            + f", about {peak / memory.GiB:.1f} GiB peak on {device.type} ({str(dtype).replace('torch.', '')})")
 
 
 def device_memory(device: torch.device) -> int | None:
@@ -250,7 +430,7 @@ def check_fits(cfgs, settings: dict, device: torch.device, dtype: torch.dtype) -
                         "size, or pass --force to try anyway")
 
 
-def plan_memory(cfgs, settings: dict, device: torch.device, dtype: torch.dtype) -> None:
+def plan_memory(cfgs, settings: dict, device: torch.device, dtype: torch.dtype) -> str:
     """Refuse a --max-memory nothing fits in, before loading; say what it chose."""
     budget = settings["max_memory"]
     have = device_memory(device)
@@ -266,67 +446,163 @@ def plan_memory(cfgs, settings: dict, device: torch.device, dtype: torch.dtype) 
         raise UserError(f"--max-memory: {e}; raise it or choose a smaller --height/--width") from None
     if settings["view_batch"] is not None:
         vb = min(vb, settings["view_batch"])
-    print(f"within {budget / memory.GiB:.2f} GiB: {vb} view(s) per UNet call, decode "
-          + (f"in {tile} px tiles" if tile else "in one piece")
-          + ("" if kept else "; the UNet and the VAE take turns on the device"), file=sys.stderr)
+    return (f"within {budget / memory.GiB:.2f} GiB: {vb} view(s) per UNet call, decode "
+            + (f"in {tile} px tiles" if tile else "in one piece")
+            + ("" if kept else "; the UNet and the VAE take turns on the device"))
+
+
+class Progress:
+    """On stderr: the whole run's UNet evaluations with its ETA, each scale's steps (its bar appearing as the
+    scale begins), each decode's tiles. Quiet where `shown` is False (ranks other than 0)."""
+
+    def __init__(self, total_evals: int, n_scales: int, shown: bool):
+        self.shown, self.n_scales = shown, n_scales
+        self.overall = tqdm(total=total_evals, desc="all", unit="eval", disable=not shown, position=0,
+                            dynamic_ncols=True)
+        self.bar: tqdm | None = None
+        self.evals = 0
+
+    def step(self, scale: int, step: int, steps: int, evals: int) -> None:
+        if step == 0:  # a scale begins
+            self._close()
+            self.bar = tqdm(total=steps, desc=f"scale {scale}/{self.n_scales}", unit="step", disable=not self.shown,
+                            position=1, leave=False, dynamic_ncols=True)
+            self.evals = 0
+            return
+        self.overall.update(evals - self.evals)
+        self.evals = evals
+        self.bar.update(step - self.bar.n)
+
+    def tile(self, done: int, total: int) -> None:
+        if self.bar is None or self.bar.desc != "VAE decode":
+            self._close()
+            self.bar = tqdm(total=total, desc="VAE decode", unit="tile", disable=not self.shown, position=1,
+                            leave=False, dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+
+    def write(self, text: str) -> None:
+        if self.shown:
+            tqdm.write(text, file=sys.stderr)
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def close(self) -> None:
+        self._close()
+        self.overall.close()
+
+
+def total_evals(cfgs, settings: dict, first: int) -> int:
+    """UNet evaluations of one image from scale `first` on (an encoded picture's scale 1 costs none)."""
+    views = memory.unet_views(cfgs.unet, settings["height"], settings["width"], settings["stride"])
+    start = max(first, 2 if settings["image"] else 1)
+    return sum(2 * settings["steps"] * n for s, vs in enumerate(views, 1) if s >= start for *_, n in vs)
+
+
+def load_pipeline(p: Plan, shown: bool, text_encoders: bool):
+    s = p.settings
+    bar = tqdm(desc="loading", unit="B", unit_scale=True, unit_divisor=1024, disable=not shown, dynamic_ncols=True)
+
+    def read(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    started = time.perf_counter()
+    try:
+        pipe = load(s["weights"], device=p.device, dtype=p.dtype, loras=[tuple(x) for x in s["lora"] or []],
+                    vae=s["vae"], embeddings=s["embedding"] or [], controlnet=s["controlnet"] or [],
+                    text_encoders=text_encoders, progress=read)
+    finally:
+        bar.close()
+    if shown:
+        print(f"loaded {s['weights']} on {p.device} ({str(p.dtype).replace('torch.', '')}) in "
+              f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
+        weights = Path(s["weights"])
+        if weights.is_file() and metadata.cached_hash(weights) is None:
+            print(f"hashing {weights.name} for the PNG metadata (once per file)", file=sys.stderr)
+    pipe.model_info()
+    return pipe
+
+
+def resume_command(args, latents: Path, out: Path) -> str:
+    words = ["minifusion", "--resume", str(latents), "--out", str(out)]
+    for flag in ("device", "dtype"):
+        if getattr(args, flag):
+            words += [f"--{flag}", getattr(args, flag)]
+    return shlex.join(words)
 
 
 def run(argv=None) -> int:
     args = parse_args(argv)
-    p = plan(args)
-    device, dtype = p.device, p.dtype
-    started = time.perf_counter()
-    pipe = load(args.weights, device=device, dtype=dtype)
-    n_scales = len(p.paths)
-    print(f"loaded {args.weights} on {device} ({str(dtype).replace('torch.', '')}) in "
-          f"{time.perf_counter() - started:.1f} s; {n_scales} scale(s) up to "
-          f"{p.settings['width']}x{p.settings['height']}", file=sys.stderr)
-
-    bars: dict[int, tqdm] = {}
-
-    def on_step(scale, step, steps, evals):
-        bar = bars.get(scale)
-        if bar is None:
-            bar = bars[scale] = tqdm(total=steps, desc=f"scale {scale}/{n_scales}", unit="step", leave=True)
-        bar.update(step - bar.n)
-        bar.set_postfix_str(f"{evals} UNet evals")
-        if step == steps:
-            bar.close()
-
-    info = {"settings": p.settings, "weights": str(args.weights), "device": str(device),
-            "dtype": str(dtype).replace("torch.", ""), "minifusion": "0.1.0"}
-    if p.resume is not None:
-        info["resumed_from"] = str(args.resume)
-    written = []
+    device = None
+    if distributed.launched():
+        device = distributed.init(resolve_device(args.device).type if args.device else None, args.timeout)
+    rank, world = distributed.rank(), distributed.world()
     try:
-        for scale in pipe.iter_generate(p.settings["prompt"], callback=on_step, decode_progress=True,
-                                        resume=p.resume, **p.kwargs):
-            path = p.paths[scale.scale - 1]
-            try:
-                save_png(scale.image, path, {**info, "scale": scale.scale, "stats": scale.stats})
-                save_latents(latent_path(path), scale.saved(p.settings))
-            except OSError as e:
-                raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-            written.append(path)
-            print(f"wrote {path} ({scale.image.width}x{scale.image.height}"
-                  + (f", {scale.stats['seconds']:.1f} s)" if "seconds" in scale.stats else ", the input picture)"),
-                  file=sys.stderr)
+        p = plan(args, device)
+    except (UserError, CheckpointError):
+        if rank != 0:
+            return 2  # every rank plans alike: rank 0 says it once
+        raise
+    for line in p.lines if rank == 0 else ():
+        print(line, file=sys.stderr)
+    # one image: all ranks share its work (view parallel); several: each rank makes its own (image parallel)
+    view_parallel = len(p.jobs) == 1
+    mine = p.jobs if view_parallel else [p.jobs[i] for i in distributed.images_of_rank(len(p.jobs), rank, world)]
+    writes = rank == 0 or not view_parallel
+    shown = rank == 0
+    if not mine:
+        return 0  # more ranks than images
+    pipe = load_pipeline(p, shown, text_encoders=rank == 0 or not view_parallel)
+    progress = Progress(total_evals(p.cfgs, p.settings, p.first) * len(mine), len(p.jobs[0].paths), shown)
+    if not (shown or writes):
+        logging.getLogger("minifusion").setLevel(logging.ERROR)
+    job, written = None, []
+    try:
+        for job in mine:
+            written = []
+            for scale in pipe.iter_generate(job.prompt, seed=job.seed, callback=progress.step,
+                                            decode_progress=progress.tile, resume=p.resume,
+                                            view_parallel=view_parallel, record=p.record, **p.kwargs):
+                if writes:
+                    path = job.paths[scale.scale - 1]
+                    try:
+                        save_png(scale.image, path)
+                        save_latents(latent_path(path), scale.saved())
+                    except OSError as e:
+                        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+                    written.append(path)
+                    took = f"{scale.stats['seconds']:.1f} s" if "seconds" in scale.stats else "the input picture"
+                    line = f"wrote {path} ({scale.image.width}x{scale.image.height}, {took})"
+                    progress.write(line) if shown else print(f"rank {rank}: {line}", file=sys.stderr)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; kept {_listing(written)}", file=sys.stderr)
+        progress.close()
+        if shown:
+            print(f"\ninterrupted; kept {_listing(written)}", file=sys.stderr)
+            if written and job is not None and len(written) < len(job.paths):
+                print(f"continue with: {resume_command(args, latent_path(written[-1]), job.paths[-1])}",
+                      file=sys.stderr)
         return 130
     except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+        progress.close()
         if not is_out_of_memory(e):
             raise
         raise UserError(f"out of memory even with one view per UNet call (--view-batch 1) at "
                         f"{p.settings['width']}x{p.settings['height']}; use a smaller --height/--width or a device "
                         f"with more memory (kept {_listing(written)})") from None
     except UserError as e:
+        progress.close()
         raise UserError(f"{e} (kept {_listing(written)})") from None
+    progress.close()
     return 0
 
 
 def _listing(paths: list[Path]) -> str:
-    return ", ".join(map(str, paths)) or "nothing"
+    if not paths:
+        return "nothing"
+    return ", ".join(map(str, paths)) + f" and the latents beside them ({latent_path(paths[-1]).name} ...)"
 
 
 class _OneLine(logging.Formatter):
@@ -337,17 +613,26 @@ class _OneLine(logging.Formatter):
 def main(argv=None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLine())
-    logging.getLogger("minifusion").addHandler(handler)
+    logger = logging.getLogger("minifusion")
+    logger.addHandler(handler)
+    rank = os.environ.get("RANK", "0") if distributed.launched() else "0"
+    prefix = f"rank {rank}: " if rank != "0" else ""
     try:
         return run(argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted before anything was written", file=sys.stderr)
+        return 130
     except (UserError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {prefix}{e}", file=sys.stderr)
         return 2
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (NonFiniteError, distributed.DistributedError) as e:
+        print(f"error: {prefix}{e}", file=sys.stderr)
         return 1
     finally:
-        logging.getLogger("minifusion").removeHandler(handler)
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+        if distributed.default_group() is not None:
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

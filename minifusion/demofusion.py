@@ -197,7 +197,8 @@ def demofusion(unet: Callable, cond: Cond, *, height: int, width: int, base_px: 
     unet(latents (N,4,h,w), timesteps (N,), context (N,L,C), pooled (N,P), time_ids (N,6)) -> eps.
     latents: phase-1 initial noise (1,4,h,w), unscaled; noise: one tensor per scale >= 2. What is not
     injected is drawn from `generator`, in that order (phase-1 noise, then per scale its noise and the
-    window jitter of each step). progress(scale, step, steps, unet_evals so far in this scale).
+    window jitter of each step). progress(scale, step, steps, unet_evals so far in this scale) after each step,
+    and with step 0 as each scale begins.
     resume: start after a finished scale instead of at phase 1.
     Every step's views go through one `runner` (views.ViewRunner, or a factory taking its arguments: a
     ControlNet or minifusion.distributed plug in there), which batches them view_batch_size at a time and
@@ -220,6 +221,8 @@ def demofusion(unet: Callable, cond: Cond, *, height: int, width: int, base_px: 
         if latents.shape != (1, LATENT_CHANNELS, *sizes[0]):
             raise ValueError(f"phase-1 latents must be {(1, LATENT_CHANNELS, *sizes[0])}, got {tuple(latents.shape)}")
         z = latents.to(device, torch.float32) * sch.init_sigma
+        if progress is not None:
+            progress(1, 0, steps, 0)
         for i, (t, t_prev) in enumerate(pairs):
             eps, = run_views([(sch.scale_input(z, t), [Whole()])], t, i, 1)
             z = sch.step(z, eps, t, t_prev)
@@ -245,6 +248,8 @@ def demofusion(unet: Callable, cond: Cond, *, height: int, width: int, base_px: 
         h, w = z_up.shape[-2:]
         n_windows = len(local_windows(h, w, window, stride))
         z = sch.add_noise(z_up, eps, pairs[0][0])  # Eq. 2 at t_0
+        if progress is not None:
+            progress(s, 0, steps, 0)
         for k, (t, t_prev) in enumerate(pairs):
             z = skip_residual(z, sch.add_noise(z_up, eps, t), t, cosine_scale_1)  # Eq. 2 (same eps), Eq. 3
             windows = local_windows(h, w, window, stride, jitter, generator)

@@ -154,8 +154,10 @@ def base_scale_size(img_w: int, img_h: int, base: int, height: int | None = None
                     width: int | None = None) -> Sizes:
     """The sizes of an image-to-image run for an img_w x img_h picture on a model native at `base` px.
 
-    The final size keeps the picture's aspect: none given, the long side is 2 x base and the short side
-    follows, rounded to a multiple of 8; one side given, the other follows it; both given, they must match
+    The final size keeps the picture's aspect: none given, the long side is 2 x base or, for a larger picture,
+    its own long side rounded up to a multiple of base (an upscaler never returns less than it was given), and
+    the short side follows, rounded to a multiple of 8; one side given, the other follows it; both given, they
+    must match
     the picture's aspect to within that rounding (else ValueError: the picture would be distorted). The
     picture replaces phase 1, so it is encoded at phase 1's size from `scale_sizes` (H // S, W // S with
     S = int(max(H, W) / base), down to whole latents), which keeps the aspect up to that rounding.
@@ -164,10 +166,11 @@ def base_scale_size(img_w: int, img_h: int, base: int, height: int | None = None
         return max(8, round(side * ratio / 8) * 8)
 
     if height is None and width is None:
+        long = max(2 * base, -(-max(img_w, img_h) // base) * base)
         if img_w >= img_h:
-            width, height = 2 * base, other(2 * base, img_h / img_w)
+            width, height = long, other(long, img_h / img_w)
         else:
-            height, width = 2 * base, other(2 * base, img_w / img_h)
+            height, width = long, other(long, img_w / img_h)
     elif width is None:
         width = other(height, img_w / img_h)
     elif height is None:

@@ -17,7 +17,7 @@ from typing import BinaryIO, Callable
 import torch
 from safetensors.torch import save
 
-from .safetensors_check import CheckpointError, SafetensorsFile
+from .safetensors_check import CheckpointError, NotSafetensors, SafetensorsFile
 
 METADATA_KEY = "minifusion"
 
@@ -57,6 +57,8 @@ class SavedScale:
     anchor_std: float
     generator_state: torch.Tensor | None
     settings: dict
+    stats: dict | None = None  # how long it took and what it used (not in the PNG, so that PNGs of the same
+    # settings are identical byte for byte)
 
 
 def save_latents(path: Path, saved: SavedScale) -> None:
@@ -64,7 +66,7 @@ def save_latents(path: Path, saved: SavedScale) -> None:
     if saved.generator_state is not None:
         tensors["generator_state"] = saved.generator_state.cpu()
     meta = {"scale": saved.scale, "anchor_mean": saved.anchor_mean, "anchor_std": saved.anchor_std,
-            "settings": saved.settings}
+            "settings": saved.settings, "stats": saved.stats}
     data = save(tensors, metadata={METADATA_KEY: json.dumps(meta)})
     atomic_write(path, lambda f: f.write(data))
 
@@ -80,6 +82,8 @@ def load_latents(path: str | Path) -> SavedScale:
             meta = json.loads(f.metadata[METADATA_KEY])
         finally:
             f.close()
+    except NotSafetensors:
+        raise  # another kind of file altogether: the caller names it
     except CheckpointError as e:
         raise LatentFileError(str(e)) from None
     except (ValueError, KeyError, TypeError):
@@ -94,4 +98,4 @@ def load_latents(path: str | Path) -> SavedScale:
     if not ok:
         raise LatentFileError(f"{path}: its contents are not those of a minifusion latents file (damaged?)")
     return SavedScale(meta["scale"], z.float(), float(meta["anchor_mean"]), float(meta["anchor_std"]), state,
-                      meta["settings"])
+                      meta["settings"], meta.get("stats") if isinstance(meta.get("stats"), dict) else None)

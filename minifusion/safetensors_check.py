@@ -128,6 +128,35 @@ def _looks_pickled(prefix: bytes) -> bool:
     return prefix.startswith(b"PK\x03\x04") or (prefix[:1] == b"\x80" and 2 <= prefix[1] <= 5)
 
 
+# files people pass by mistake, by their first bytes: named, they point the right way instead of "truncated"
+MAGIC = [(b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+         (b"RIFF", "a RIFF file (WebP image, WAV, AVI)"), (b"%PDF", "a PDF document"),
+         (b"\x1f\x8b", "a gzip archive"), (b"7z\xbc\xaf", "a 7-Zip archive"), (b"Rar!", "a RAR archive"),
+         (b"version https://git-lfs", "a Git LFS pointer (the real file was never downloaded: git lfs pull)"),
+         (b"<!DOCTYPE", "an HTML page (a download that saved the web page)"),
+         (b"<html", "an HTML page (a download that saved the web page)")]
+
+
+class NotSafetensors(CheckpointError):
+    """A file of another kind altogether; `kind` says which ("a PNG image", "a text file", ...)."""
+
+    def __init__(self, path: Path, kind: str):
+        super().__init__(f"{path}: not a safetensors file: it is {kind}")
+        self.kind = kind
+
+
+def file_kind(start: bytes) -> str | None:
+    """What a file is, from its first bytes, when it is one of the kinds people pass instead of a safetensors."""
+    for magic, kind in MAGIC:
+        if start.lower().startswith(magic.lower()) if magic.startswith(b"<") else start.startswith(magic):
+            return kind
+    try:
+        text = start.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return "a text file" if all(c.isprintable() or c in "\r\n\t" for c in text) else None
+
+
 class _Duplicate(ValueError):
     pass
 
@@ -157,6 +186,9 @@ def read_header(f, size: int, path: Path) -> tuple[int, dict[str, Entry], dict[s
         raise corrupt("the file ended inside its header")
     n = int.from_bytes(prefix, "little")
     if n > MAX_HEADER or n > size - 8:
+        kind = file_kind(prefix + f.read(56))
+        if kind is not None:
+            raise NotSafetensors(path, kind)
         if _looks_pickled(prefix):
             raise CheckpointError(f"{path}: a PyTorch pickle checkpoint (zip or raw pickle) named .safetensors; it "
                                   "is not loaded, since unpickling can run code; download the real .safetensors release")

@@ -1,4 +1,5 @@
 """The command line, end to end on the tiny model: files, metadata, reproducibility and every user error."""
+import hashlib
 import json
 import subprocess
 import sys
@@ -6,12 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from minifusion import __main__ as cli
+from minifusion.files import latent_path, load_latents
+from minifusion.metadata import parse_a1111
 from minifusion.pipeline import Pipeline
 
-FAST = ["--steps", "2", "--dtype", "float32", "--device", "cpu"]
+FAST = ["--steps", "2", "--dtype", "float32", "--device", "cpu", "--seed", "0"]
 
 
 def run(capsys, *args):
@@ -29,11 +32,11 @@ def three_scales(tiny_file, tmp_path_factory):
     """One 3-scale non-square run: 512x768 on the 256 px base."""
     out = tmp_path_factory.mktemp("run") / "fox.png"
     code = cli.main(["a red fox", "--weights", str(tiny_file), "--out", str(out), "--height", "768",
-                     "--width", "512", "--seed", "7", *FAST])
+                     "--width", "512", *FAST, "--seed", "7", "--negative", "blurry, dark"])
     return code, out
 
 
-def test_three_scale_run_writes_every_scale_with_metadata(three_scales):
+def test_three_scale_run_writes_every_scale_with_metadata(three_scales, tiny_file):
     code, out = three_scales
     assert code == 0
     files = [out.with_name("fox.x1.png"), out.with_name("fox.x2.png"), out]
@@ -42,19 +45,51 @@ def test_three_scale_run_writes_every_scale_with_metadata(three_scales):
     assert [Image.open(f).size for f in files] == [(168, 256), (336, 512), (512, 768)]
     for scale, f in enumerate(files, start=1):
         meta = settings_of(f)
-        assert meta["scale"] == scale
+        assert meta["scale"] == scale and meta["scales"] == 3
         assert meta["settings"]["prompt"] == "a red fox"
         assert meta["settings"]["seed"] == 7 and meta["settings"]["steps"] == 2
-        assert meta["settings"]["stride"] == 16 and meta["settings"]["height"] == 768
-        assert meta["stats"]["unet_evaluations"] > 0
+        # the run's final size in the settings, the image's own beside it
+        assert meta["settings"]["stride"] == 16 and (meta["settings"]["height"], meta["settings"]["width"]) == (768, 512)
+        assert tuple(meta["size"]) == Image.open(f).size
+        assert meta["settings"]["weights"] == str(tiny_file)
+        assert "stats" not in meta and "seconds" not in f.read_bytes().decode("latin-1")
+        # timings live in the latents file instead
+        assert load_latents(latent_path(f)).stats["unet_evaluations"] > 0
     assert not list(out.parent.glob(".*.tmp"))
+
+
+def test_automatic1111_parameters_parse_back(three_scales, tiny_file):
+    _, out = three_scales
+    text = Image.open(out.with_name("fox.x2.png")).text["parameters"]
+    lines = text.split("\n")
+    assert lines[0] == "a red fox" and lines[1] == "Negative prompt: blurry, dark"
+    params = parse_a1111(text)
+    assert params["prompt"] == "a red fox" and params["negative"] == "blurry, dark"
+    assert (params["Steps"], params["Sampler"], params["CFG scale"], params["Seed"]) == ("2", "DDIM", "7.5", "7")
+    assert params["Size"] == "336x512"  # the image's own size; the run's final one apart
+    assert params["DemoFusion final size"] == "512x768" and params["DemoFusion scale"] == "2/3"
+    assert params["Model"] == "tiny_sdxl"
+    assert params["Model hash"] == hashlib.sha256(tiny_file.read_bytes()).hexdigest()[:10]
+    assert (params["DemoFusion stride"], params["DemoFusion c1"], params["DemoFusion sigma"]) == ("16", "3", "0.8")
+    # a value with a comma is quoted as A1111 does, and comes back whole
+    assert parse_a1111('p\nSteps: 2, Sampler: DDIM, Lora hashes: "a: 1, b: 2"')["Lora hashes"] == "a: 1, b: 2"
+
+
+def test_the_same_seed_gives_byte_identical_pngs(three_scales, tiny_file, tmp_path, capsys):
+    _, out = three_scales
+    again = tmp_path / "fox.png"
+    code, err = run(capsys, "a red fox", "--weights", tiny_file, "--out", again, "--height", "768", "--width", "512",
+                    *FAST, "--seed", "7", "--negative", "blurry, dark")
+    assert code == 0, err
+    for name in ("fox.x1.png", "fox.x2.png", "fox.png"):
+        assert (tmp_path / name).read_bytes() == out.with_name(name).read_bytes()
 
 
 def test_settings_from_a_png_reproduce_it(three_scales, tiny_file, tmp_path, capsys):
     _, out = three_scales
     again = tmp_path / "again.png"
-    code, err = run(capsys, "--settings-from", out, "--weights", tiny_file, "--out", again,
-                    "--device", "cpu", "--dtype", "float32")
+    # the weights come back from the PNG too
+    code, err = run(capsys, "--settings-from", out, "--out", again, "--device", "cpu", "--dtype", "float32")
     assert code == 0, err
     assert settings_of(again)["settings"] == settings_of(out)["settings"]
     assert list(Image.open(again).getdata()) == list(Image.open(out).getdata())
@@ -83,6 +118,16 @@ def test_no_weights_says_what_to_download(tmp_path, capsys):
     (["--guidance", "nan"], "guidance_scale nan is invalid"),
     (["--stride", "64"], "stride 64 is invalid; it must be an integer from 1 to the window size, 32"),
     (["--view-batch", "0"], "view_batch_size 0 is invalid"),
+    (["--view-batch", "100000"], "view_batch_size 100000 is invalid; it must be an integer from 1 to 65536"),
+    (["--height", "0", "--width", "256"], "height 0 is invalid; it must be a positive multiple of 8"),
+    (["--width", "0"], "width 0 is invalid"),
+    (["--width", "-256"], "width -256 is invalid"),
+    (["--stride", "0"], "stride 0 is invalid"),
+    (["--seed", str(2 ** 64)], f"--seed {2 ** 64}: a seed is a whole number from 0 to {2 ** 64 - 1}, or -1"),
+    (["--seed", "-2"], "--seed -2: a seed is a whole number"),
+    (["--device", "tpu"], "--device tpu: not a device name; use cuda, cuda:N, mps or cpu"),
+    (["--device", "xpu"], "--device xpu: minifusion runs on cuda, mps or cpu, not xpu"),
+    (["--count", "0"], "--count 0: make from 1 to 100000 images"),
     (["--c1", "-1"], "cosine_scale_1 -1.0 is invalid"),
     (["--sigma", "0"], "sigma 0.0 is invalid"),
     (["--sigma", "inf"], "sigma inf is invalid"),
@@ -90,8 +135,52 @@ def test_no_weights_says_what_to_download(tmp_path, capsys):
 def test_bad_requests_are_refused_before_loading(tiny_file, tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.setattr(cli, "load", lambda *a, **k: pytest.fail("loaded the model for a bad request"))
     code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", tmp_path / "x.png", *args)
-    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert code == 2 and message in err and err.count("\n") == 1 and err.startswith("error: "), err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("device,message", [
+    ("cuda", "--device cuda: "), ("cuda:7", "--device cuda:7: "), ("mps", "--device mps: MPS is not available")])
+def test_devices_this_machine_lacks_are_one_line(tiny_file, tmp_path, capsys, monkeypatch, device, message):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setattr(cli, "load", lambda *a, **k: pytest.fail("loaded the model for a bad device"))
+    code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", tmp_path / "x.png", "--device", device)
+    assert code == 2 and err.startswith("error: " + message) and err.count("\n") == 1, err
+    assert "use --device cpu" in err
+
+
+def test_files_of_the_wrong_kind_say_what_they_are(three_scales, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load", lambda *a, **k: pytest.fail("loaded a model from the wrong file"))
+    _, out = three_scales
+    png, text, latents = tmp_path / "model.safetensors", tmp_path / "notes.safetensors", latent_path(out)
+    png.write_bytes(out.read_bytes())
+    text.write_text("weights go here\n")
+    cases = [(["--weights", png], "not a safetensors file: it is a PNG image; to rerun a PNG's settings use "
+                                  "--settings-from"),
+             (["--weights", text], "not a safetensors file: it is a text file"),
+             (["--weights", latents], "a minifusion latents file (a finished scale of a run: continue it with "
+                                      "--resume, not --weights)"),
+             (["--resume", out], "not a safetensors file: it is a PNG image; to rerun a PNG's settings use "
+                                 "--settings-from")]
+    for args, message in cases:
+        code, err = run(capsys, "a cat", *args, "--out", tmp_path / "x.png")
+        assert code == 2 and message in err and err.count("\n") == 1 and "truncated" not in err, err
+
+
+def test_ctrl_c_during_the_start_up_checks_is_one_line(tiny_file, tmp_path, capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "inspect_checkpoint", interrupted)
+    code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", tmp_path / "x.png")
+    assert code == 130 and err.strip() == "interrupted before anything was written"
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"minifusion {cli.metadata.VERSION}"
 
 
 def test_bad_output_paths(tiny_file, tmp_path, capsys):
@@ -116,9 +205,18 @@ def test_interrupt_keeps_finished_scales(tiny_file, tmp_path, capsys, monkeypatc
     monkeypatch.setattr(Pipeline, "decode", decode_then_interrupt)
     out = tmp_path / "cut.png"
     code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", out, "--height", "512", *FAST)
-    assert code == 130 and "kept" in err
+    assert code == 130 and f"kept {tmp_path / 'cut.x1.png'}" in err and "cut.x1.latent.safetensors" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.x1.latent.safetensors", "cut.x1.png"]
     Image.open(tmp_path / "cut.x1.png").verify()
+    # the exact command that continues, printed, runs and finishes the same image
+    command = err.split("continue with: ", 1)[1].splitlines()[0].split()
+    assert command[:5] == ["minifusion", "--resume", str(tmp_path / "cut.x1.latent.safetensors"), "--out", str(out)]
+    monkeypatch.setattr(Pipeline, "decode", decode)
+    code, err = run(capsys, *command[1:])
+    assert code == 0, err
+    reference = tmp_path / "whole.png"
+    assert run(capsys, "a cat", "--weights", tiny_file, "--out", reference, "--height", "512", *FAST)[0] == 0
+    assert Image.open(out).tobytes() == Image.open(reference).tobytes()
 
 
 def test_out_of_memory_names_the_knob(tiny_file, tmp_path, capsys, monkeypatch):
@@ -244,16 +342,20 @@ def test_full_disk_leaves_no_partial_file(tiny_file, tmp_path, capsys, monkeypat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     real = files.atomic_write
-    monkeypatch.setattr(cli, "atomic_write", lambda path, write: real(path, full))
+    monkeypatch.setattr(cli.metadata, "atomic_write", lambda path, write: real(path, full))
     code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", tmp_path / "full.png", *FAST)
     assert code == 2 and "No space left on device" in err
     assert not list(tmp_path.iterdir())
 
 
-def test_long_prompt_warns_once(tiny_file, tmp_path, capsys):
-    code, err = run(capsys, "red " * 80 + "zebra", "--weights", tiny_file, "--out", tmp_path / "long.png", *FAST)
-    assert code == 0
-    assert err.count("longer than CLIP's 77 tokens") == 1 and 'ignored: "red red red red red zebra"' in err
+def test_a_long_prompt_is_used_whole(tiny_file, tmp_path, capsys):
+    # nothing is cut off any more (75-token chunks, minifusion.prompt): the last word changes the image
+    images = []
+    for last in ("zebra", "tiger"):
+        code, err = run(capsys, "red " * 80 + last, "--weights", tiny_file, "--out", tmp_path / f"{last}.png", *FAST)
+        assert code == 0 and "ignored" not in err and "warning" not in err, err
+        images.append(Image.open(tmp_path / f"{last}.png").tobytes())
+    assert images[0] != images[1]
 
 
 def test_a_size_the_device_cannot_hold_is_refused_with_its_cost(tiny_file, tmp_path, capsys, monkeypatch):
@@ -280,14 +382,15 @@ def test_force_skips_the_fit_check(tiny_file, tmp_path, capsys, monkeypatch):
 def test_max_memory_picks_view_batch_and_decode_tile(tiny_file, tmp_path, capsys):
     out = tmp_path / "budget.png"
     code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", out, "--height", "512", "--max-memory",
-                    "0.25", *FAST)
+                    "0.3", *FAST)
     assert code == 0, err
     cfgs = cli.inspect_checkpoint(tiny_file)
-    vb, tile, _ = cli.memory.plan(1 << 28, cfgs, 512, 512, torch.float32, "cpu", 16)
-    assert f"within 0.25 GiB: {vb} view(s) per UNet call, decode in {tile} px tiles" in err
-    meta = settings_of(out)
-    assert meta["settings"]["max_memory"] == 1 << 28
-    assert (meta["stats"]["view_batch_size"], meta["stats"]["decode_tile"]) == (vb, tile)
+    budget = int(0.3 * 2 ** 30)
+    vb, tile, _ = cli.memory.plan(budget, cfgs, 512, 512, torch.float32, "cpu", 16)
+    assert f"within 0.30 GiB: {vb} view(s) per UNet call, decode in {tile} px tiles" in err
+    assert settings_of(out)["settings"]["max_memory"] == budget
+    stats = load_latents(latent_path(out)).stats
+    assert (stats["view_batch_size"], stats["decode_tile"]) == (vb, tile)
     code, err = run(capsys, "--settings-from", out, "--weights", tiny_file, "--out", tmp_path / "again.png",
                     "--device", "cpu", "--dtype", "float32")
     assert code == 0 and list(Image.open(tmp_path / "again.png").getdata()) == list(Image.open(out).getdata())
@@ -303,3 +406,89 @@ def test_max_memory_too_small_is_refused_before_loading(tiny_file, tmp_path, cap
         cli.main(["a cat", "--out", str(tmp_path / "x.png"), "--max-memory", "lots"])
     assert e.value.code == 2 and "not a memory size" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+# ---- seeds, several images, numbered files ----
+
+def test_no_seed_draws_one_prints_it_and_records_it(tiny_file, tmp_path, capsys):
+    out = tmp_path / "r.png"
+    code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", out, "--steps", "1", "--device", "cpu",
+                    "--dtype", "float32")
+    assert code == 0, err
+    seed = settings_of(out)["settings"]["seed"]
+    assert f"seed {seed} (drawn at random; --seed {seed} makes this image again)" in err
+    again = tmp_path / "again.png"
+    assert run(capsys, "a cat", "--weights", tiny_file, "--out", again, "--steps", "1", "--device", "cpu",
+               "--dtype", "float32", "--seed", str(seed))[0] == 0
+    assert again.read_bytes() == out.read_bytes()
+    code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", tmp_path / "m.png", "--steps", "1",
+                    "--device", "cpu", "--dtype", "float32", "--seed", "-1")
+    assert code == 0 and "drawn at random" in err
+
+
+def test_count_makes_consecutive_seeds_with_distinct_names(tiny_file, tmp_path, capsys):
+    out = tmp_path / "cat.png"
+    code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", out, "--count", "2", *FAST, "--seed", "41")
+    assert code == 0, err
+    for i, seed in ((1, 41), (2, 42)):
+        png = tmp_path / f"cat-{i:05d}-{seed}.png"
+        assert settings_of(png)["settings"]["seed"] == seed and png.with_name(png.stem + ".x1.png").exists()
+    single = tmp_path / "single.png"
+    assert run(capsys, "a cat", "--weights", tiny_file, "--out", single, *FAST, "--seed", "42")[0] == 0
+    assert single.read_bytes() == (tmp_path / "cat-00002-42.png").read_bytes()  # the same image, byte for byte
+    code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", out, "--count", "2", *FAST, "--seed", "41")
+    assert code == 2 and "cat-00001-41.x1.png exists; pass --overwrite" in err
+
+
+def test_without_out_images_are_numbered_in_outputs(tiny_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fox\n\n  a cat  \n")
+    assert run(capsys, "--prompts", prompts, "--weights", tiny_file, *FAST, "--seed", "5")[0] == 0
+    assert run(capsys, "a dog", "--weights", tiny_file, *FAST, "--seed", "9")[0] == 0  # never refused, never replaced
+    finals = sorted(p.name for p in (tmp_path / "outputs").glob("*.png") if ".x" not in p.name)
+    assert finals == ["00001-5.png", "00002-6.png", "00003-9.png"]
+    assert [settings_of(tmp_path / "outputs" / f)["settings"]["prompt"] for f in finals] == ["a fox", "a cat", "a dog"]
+    code, err = run(capsys, "a fox", "--prompts", prompts, "--weights", tiny_file, *FAST)
+    assert code == 2 and "not both" in err
+    (tmp_path / "empty.txt").write_text("\n")
+    code, err = run(capsys, "--prompts", tmp_path / "empty.txt", "--weights", tiny_file, *FAST)
+    assert code == 2 and "holds no prompt" in err
+
+
+def test_settings_from_names_weights_that_are_gone(three_scales, tmp_path, capsys):
+    _, out = three_scales
+    meta = PngImagePlugin.PngInfo()
+    record = settings_of(out)
+    record["settings"]["weights"] = str(tmp_path / "gone.safetensors")
+    meta.add_text("minifusion", json.dumps(record))
+    moved = tmp_path / "moved.png"
+    Image.open(out).save(moved, pnginfo=meta)
+    code, err = run(capsys, "--settings-from", moved, "--out", tmp_path / "x.png")
+    assert code == 2 and f"the weights it names, {tmp_path / 'gone.safetensors'}, no longer exist; pass --weights" in err
+
+
+def test_settings_from_an_automatic1111_png(tiny_file, tmp_path, capsys):
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("parameters", "a castle\nNegative prompt: fog\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 12, "
+                                "Size: 512x512, Model hash: 0123456789, Model: other")
+    a1111 = tmp_path / "a1111.png"
+    Image.new("RGB", (8, 8)).save(a1111, pnginfo=meta)
+    out = tmp_path / "x.png"
+    code, err = run(capsys, "--settings-from", a1111, "--weights", tiny_file, "--out", out, "--device", "cpu",
+                    "--dtype", "float32")
+    assert code == 0, err
+    s = settings_of(out)["settings"]
+    assert (s["prompt"], s["negative"], s["steps"], s["scheduler"], s["guidance"], s["seed"]) == \
+        ("a castle", "fog", 2, "euler", 5.0, 12)
+    assert Image.open(out).size == (512, 512)
+
+
+def test_the_plan_is_said_before_loading(tiny_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", tmp_path / "x.png", "--height", "768",
+                    "--width", "512", *FAST)
+    assert code == 130
+    # 3 scales; UNet evaluations = 2 (CFG) x 2 steps x (1 + (6 windows + 4 views) + (15 windows + 9 views))
+    assert err.splitlines()[0] == ("plan: 3 scale(s) 168x256 -> 336x512 -> 512x768, 140 UNet evaluations, about "
+                                   f"{err.split('about ')[1].split(' GiB')[0]} GiB peak on cpu (float32)")

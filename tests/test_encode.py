@@ -247,6 +247,10 @@ def test_base_scale_size():
     # default: twice the base on the long side, the short side following the picture's aspect
     assert base_scale_size(1600, 1200, 1024) == ((1536, 2048), (768, 1024))
     assert base_scale_size(900, 1600, 1024) == ((2048, 1152), (1024, 576))
+    # a picture larger than that: its own long side rounded up to the base grid, never smaller than it came
+    assert base_scale_size(3000, 2000, 1024).final == (2048, 3072)
+    assert base_scale_size(2000, 4100, 1024).final == (5120, 2496)
+    assert base_scale_size(2048, 2048, 1024).final == (2048, 2048)
     # the spec's example: 512x768 px on a 256 px base runs phase 1 at 170x256 px -> a 21x32 latent
     assert base_scale_size(768, 512, 256, height=512) == ((512, 768), (168, 256))
     assert base_scale_size(768, 512, 256, width=768) == ((512, 768), (168, 256))

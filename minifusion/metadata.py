@@ -1,0 +1,227 @@
+"""What an image says about how it was made, in the two forms readers expect.
+
+- `parameters`: Automatic1111's text, which civitai, image browsers and A1111's own PNG Info read: the prompt,
+  a `Negative prompt: ...` line, then one line of `Key: value` pairs (`Steps: 50, Sampler: DDIM, CFG scale:
+  7.5, Seed: 0, Size: 4096x4096, Model hash: ..., Model: sd_xl_base_1.0, ...`), DemoFusion's knobs as further
+  pairs. Values holding a comma, colon or newline are JSON-quoted, as A1111 writes them.
+- `minifusion`: JSON with every setting under the command line's names (what `--settings-from` reads back), the
+  run's final size in `settings` and the image's own size and scale beside it.
+
+Nothing that changes between two runs of the same settings (timings, memory) goes in: the same seed gives a
+byte-identical PNG. Those go into the latents file (minifusion.files).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+from .files import atomic_write
+
+VERSION = "0.2.0"
+KEY = "minifusion"  # the PNG text chunk holding the JSON
+PARAMETERS = "parameters"  # A1111's
+# the settings an image records: command-line name -> generate() argument
+SETTINGS = {"prompt": "prompt", "negative": "negative_prompt", "height": "height", "width": "width",
+            "steps": "num_inference_steps", "guidance": "guidance_scale", "seed": "seed",
+            "scheduler": "scheduler", "stride": "stride", "view_batch": "view_batch_size",
+            "c1": "cosine_scale_1", "c2": "cosine_scale_2", "c3": "cosine_scale_3", "sigma": "sigma",
+            "tiled_decode": "multi_decoder", "jitter": "jitter", "image": "image", "max_memory": "max_memory",
+            "control_image": "control_image", "control_scale": "controlnet_conditioning_scale",
+            "control_start": "control_guidance_start", "control_end": "control_guidance_end",
+            "guess_mode": "guess_mode"}
+# what minifusion.load was given: command-line name -> load() argument
+MODEL_SETTINGS = {"weights": "path", "lora": "loras", "vae": "vae", "embedding": "embeddings",
+                  "controlnet": "controlnet"}
+CLI_SETTINGS = ("canny",)  # the command line's own: make the control image's edges first
+SAMPLERS = {"ddim": "DDIM", "euler": "Euler"}
+# A1111 keys for our settings (theirs where A1111 has one), in the order they are written
+A1111_KEYS = {"steps": "Steps", "scheduler": "Sampler", "guidance": "CFG scale", "seed": "Seed",
+              "stride": "DemoFusion stride", "view_batch": "DemoFusion view batch", "c1": "DemoFusion c1",
+              "c2": "DemoFusion c2", "c3": "DemoFusion c3", "sigma": "DemoFusion sigma",
+              "jitter": "DemoFusion jitter", "tiled_decode": "DemoFusion tiled decode"}
+# key: value, the value JSON-quoted or up to the next comma (A1111's infotext_utils.re_param)
+PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+SIZE = re.compile(r"(\d+)x(\d+)")
+
+
+def quote(value) -> str:
+    text = str(value)
+    return text if not any(c in text for c in ",:\n") else json.dumps(text, ensure_ascii=False)
+
+
+def unquote(text: str) -> str:
+    if text.startswith('"') and text.endswith('"'):
+        try:
+            return json.loads(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _number(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def a1111_parameters(settings: dict, size: tuple[int, int], scale: int, scales: int, model: dict) -> str:
+    """A1111's `parameters` text for one image of `size` (width, height), scale `scale` of `scales`."""
+    pairs = {}
+    for name, key in A1111_KEYS.items():
+        v = settings.get(name)
+        if name == "scheduler":
+            v = SAMPLERS.get(v, v)
+        if v is not None:
+            pairs[key] = _number(v)
+        if name == "seed":
+            pairs["Size"] = f"{size[0]}x{size[1]}"
+            pairs.update({k: v for k, v in (("Model hash", model.get("hash")), ("Model", model.get("name")),
+                                            ("VAE hash", model.get("vae_hash")), ("VAE", model.get("vae")))
+                          if v})
+    if model.get("loras"):
+        pairs["Lora hashes"] = model["loras"]
+    if model.get("embeddings"):
+        pairs["TI hashes"] = model["embeddings"]
+    if settings.get("max_memory"):
+        pairs["DemoFusion max memory"] = str(settings["max_memory"])
+    pairs["DemoFusion scale"] = f"{scale}/{scales}"
+    pairs["DemoFusion final size"] = f"{settings['width']}x{settings['height']}"
+    pairs["Version"] = f"minifusion {VERSION}"
+    lines = [settings["prompt"]]
+    if settings.get("negative"):
+        lines.append(f"Negative prompt: {settings['negative']}")
+    lines.append(", ".join(f"{k}: {quote(v)}" for k, v in pairs.items()))
+    return "\n".join(lines)
+
+
+def parse_a1111(text: str) -> dict[str, str]:
+    """A1111's `parameters` text -> {"prompt": ..., "negative": ..., key: value, ...} (values as text)."""
+    lines = text.strip().split("\n")
+    out: dict[str, str] = {}
+    if len(lines) > 1 and len(PAIR.findall(lines[-1])) >= 3:
+        out.update({k: unquote(v) for k, v in PAIR.findall(lines[-1])})
+        lines = lines[:-1]
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    out["prompt"] = "\n".join(prompt)
+    if in_negative:
+        out["negative"] = "\n".join(negative)
+    return out
+
+
+def settings_from_a1111(params: dict[str, str]) -> dict:
+    """The settings an A1111 `parameters` text gives (its prompt, negative prompt, steps, CFG, seed, size, a
+    sampler minifusion has, and DemoFusion's own keys when minifusion wrote it)."""
+    samplers = {v: k for k, v in SAMPLERS.items()}
+    types = {"steps": int, "seed": int, "stride": int, "view_batch": int, "guidance": float, "c1": float,
+             "c2": float, "c3": float, "sigma": float}
+    out = {"prompt": params["prompt"]}
+    if "negative" in params:
+        out["negative"] = params["negative"]
+    for name, key in A1111_KEYS.items():
+        if key not in params:
+            continue
+        v = params[key]
+        if name == "scheduler":
+            if v in samplers:
+                out[name] = samplers[v]
+        elif name in ("jitter", "tiled_decode"):
+            out[name] = v == "True"
+        else:
+            try:
+                out[name] = types[name](v)
+            except ValueError:
+                pass
+    size = SIZE.fullmatch(params.get("DemoFusion final size", params.get("Size", "")))
+    if size:
+        out["width"], out["height"] = int(size.group(1)), int(size.group(2))
+    return out
+
+
+def info(settings: dict, size: tuple[int, int], scale: int, scales: int, model: dict) -> dict[str, str]:
+    """The PNG text chunks of one image: {"parameters": A1111's text, "minifusion": JSON}."""
+    record = {"settings": settings, "scale": scale, "scales": scales, "size": list(size),
+              "model": {k: v for k, v in model.items() if v}, "version": VERSION}
+    return {PARAMETERS: a1111_parameters(settings, size, scale, scales, model), KEY: json.dumps(record)}
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """Write `image` as a PNG carrying its `parameters` and `minifusion` text, atomically."""
+    meta = PngImagePlugin.PngInfo()
+    for key in (PARAMETERS, KEY):
+        if key in image.info:
+            meta.add_text(key, image.info[key])
+    atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=meta))
+
+
+class NoSettings(ValueError):
+    """A file that carries no settings minifusion can read; the message says what it is."""
+
+
+def read_settings(png: str | Path) -> dict:
+    """The settings a PNG records: minifusion's JSON, else A1111's `parameters` text (an image A1111 made)."""
+    try:
+        with Image.open(png) as im:
+            text = dict(getattr(im, "text", {}) or {})
+    except (OSError, ValueError) as e:
+        raise NoSettings(f"{png}: cannot read it as an image ({e})") from None
+    if KEY in text:
+        try:
+            saved = json.loads(text[KEY])["settings"]
+            return {k: saved[k] for k in (*SETTINGS, *MODEL_SETTINGS, *CLI_SETTINGS) if k in saved}
+        except (ValueError, KeyError, TypeError):
+            raise NoSettings(f"{png}: its minifusion settings are unreadable") from None
+    if PARAMETERS in text and text[PARAMETERS].strip():
+        return settings_from_a1111(parse_a1111(text[PARAMETERS]))
+    raise NoSettings(f"{png}: carries no generation settings (neither minifusion's nor Automatic1111's)")
+
+
+def _cache_file() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minifusion" / "hashes.json"
+
+
+def _key(path: Path) -> str:
+    st = path.stat()
+    return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _known() -> dict:
+    try:
+        known = json.loads(_cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def cached_hash(path: str | Path) -> str | None:
+    """The SHA-256 that file_hash remembers for this file, or None where it would have to read it."""
+    value = _known().get(_key(Path(path).resolve()))
+    return value if isinstance(value, str) else None
+
+
+def file_hash(path: str | Path, length: int = 10) -> str:
+    """A1111's hash of a file: the first `length` hex digits of its SHA-256 (10 for a model, 12 for an embedding),
+    remembered per file (by path, size and modification time) in ~/.cache/minifusion/hashes.json so a multi-GB
+    checkpoint is read for it once."""
+    digest = cached_hash(path)
+    if digest is None:
+        path = Path(path).resolve()
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        digest = h.hexdigest()
+        known = _known()
+        known[_key(path)] = digest
+        try:
+            _cache_file().parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(_cache_file(), lambda f: f.write(json.dumps(known).encode()))
+        except OSError:
+            pass  # a read-only home: the hash is computed again next time, nothing else is lost
+    return digest[:length]
