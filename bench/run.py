@@ -63,6 +63,8 @@ def parse_args(argv):
     ap.add_argument("--loading", action="store_true", help="measure loading a full-size fp16 single file")
     ap.add_argument("--loading-dir", type=Path, default=loading.DEFAULT_DIR,
                     help="where the random full-size checkpoint is written once and reused (~7 GB)")
+    ap.add_argument("--loading-loras", action="store_true",
+                    help="--loading: each load also with two random full-size LoRAs merged (rank 32 and 64)")
     ap.add_argument("--predict-sizes", default="", help="memory model: comma-separated square sizes in px")
     ap.add_argument("--max-memory", default="", help="memory model: comma-separated budgets in GiB to plan for")
     ap.add_argument("--predict-dtype", choices=list(DTYPES), default="float16",
@@ -242,12 +244,13 @@ def main(argv=None) -> int:
         lap("components")
 
     if args.loading:
-        result["loading"] = loading.run(args.loading_dir, CONFIGS["sdxl"], device="cpu")
+        result["loading"] = loading.run(args.loading_dir, CONFIGS["sdxl"], device="cpu", loras=args.loading_loras)
         print(f"\nloading {result['loading']['file']} ({result['loading']['file_bytes'] / 1e9:.2f} GB):")
         for r in result["loading"]["loads"]:
-            print(f"  -> {r['dtype']:>9} {'cold' if r['cold'] else 'warm'}: {r['seconds']:.1f} s, peak RSS growth "
-                  f"{r['peak_rss_growth_bytes'] / 1e9:.2f} GB = {r['peak_rss_over_file']:.2f} x file "
-                  f"({'meets' if r['target_met'] else 'MISSES'} <= 1.3), "
+            loras = f" + {len(r['loras'])} LoRAs ({r['lora_bytes'] / 1e9:.2f} GB)" if r["loras"] else ""
+            print(f"  -> {r['dtype']:>9} {'cold' if r['cold'] else 'warm'}{loras}: {r['seconds']:.1f} s, "
+                  f"peak RSS growth {r['peak_rss_growth_bytes'] / 1e9:.2f} GB = {r['peak_rss_over_file']:.2f} x file "
+                  f"({'meets' if r['target_met'] else 'MISSES'} <= 1.3{' + LoRAs' if loras else ''}), "
                   f"anon {r['peak_anon_growth_bytes'] / 1e9:.2f} GB")
         lap("loading")
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -96,6 +98,10 @@ class TensorSource:
     def dtype(self, key: str) -> str:
         return self.handles[self.where[key]].entries[key].dtype
 
+    def nbytes(self, key: str) -> int:
+        entry = self.handles[self.where[key]].entries[key]
+        return entry.end - entry.begin
+
     def get(self, key: str) -> torch.Tensor:
         return self.handles[self.where[key]].read(key)
 
@@ -149,6 +155,8 @@ PARTS = [
      r"|ln_final\.)"),
     ("a textual-inversion embedding (an add-on to a prompt, not a model)",
      r"^(clip_[lg]|emb_params|string_to_param\..+|string_to_token\..+)$"),
+    ("a minifusion latents file (a finished scale of a run: continue it with --resume, not --weights)",
+     r"^(latents|generator_state)$"),
 ]
 
 
@@ -210,14 +218,7 @@ def infer_configs(src: TensorSource, path: Path) -> Configs:
             context_dim=src.shape(ctx_key)[1], adm_in_channels=adm,
             addition_time_embed_dim=(adm - te2.projection_dim) // 6, sample_size=max(width, height) // 8)
 
-        vch = src.shape(v + "encoder.conv_in.weight")
-        vlevels = _count(keys, re.escape(v) + r"encoder\.down\.(\d+)\.")
-        vae_cfg = VAEConfig(
-            in_channels=vch[1], out_channels=src.shape(v + "decoder.conv_out.weight")[0],
-            latent_channels=src.shape(v + "post_quant_conv.weight")[0], ch=vch[0],
-            ch_mult=tuple(src.shape(f"{v}encoder.down.{i}.block.0.conv1.weight")[0] // vch[0] for i in range(vlevels)),
-            num_res_blocks=_count(keys, re.escape(v) + r"encoder\.down\.0\.block\.(\d+)\."),
-            scaling_factor=SDXL_VAE.scaling_factor)
+        vae_cfg = vae_config(src, keys, v)
     except KeyError as e:
         raise CheckpointError(f"{path}: not an SDXL checkpoint (no tensor {show(e.args[0])}); {NEED}") from None
     except StopIteration:
@@ -226,6 +227,19 @@ def infer_configs(src: TensorSource, path: Path) -> Configs:
         raise CheckpointError(f"{path}: not an SDXL checkpoint (its tensor shapes do not describe an SDXL network: "
                               f"{str(e)[:100] or type(e).__name__}); {NEED}") from None
     return Configs(unet_cfg, vae_cfg, te1, te2)
+
+
+def vae_config(src, keys, prefix: str) -> VAEConfig:
+    """The VAE's architecture from its single-file (LDM) tensors under `prefix`; KeyError, ValueError,
+    IndexError or ZeroDivisionError where they do not describe one."""
+    ch = src.shape(prefix + "encoder.conv_in.weight")
+    levels = _count(keys, re.escape(prefix) + r"encoder\.down\.(\d+)\.")
+    return VAEConfig(
+        in_channels=ch[1], out_channels=src.shape(prefix + "decoder.conv_out.weight")[0],
+        latent_channels=src.shape(prefix + "post_quant_conv.weight")[0], ch=ch[0],
+        ch_mult=tuple(src.shape(f"{prefix}encoder.down.{i}.block.0.conv1.weight")[0] // ch[0] for i in range(levels)),
+        num_res_blocks=_count(keys, re.escape(prefix) + r"encoder\.down\.0\.block\.(\d+)\."),
+        scaling_factor=SDXL_VAE.scaling_factor)
 
 
 def _text_config(src, keys, prefix, tok, pos, layer_rx, fc1, projection, act) -> TextConfig:
@@ -417,10 +431,14 @@ def _report(where: Path, missing, unexpected, misshapen, integer) -> str:
     return f"{where}: does not match the SDXL architecture; " + "; ".join(parts)
 
 
-def _materialise(model, table, src: TensorSource, device, dtype) -> torch.nn.Module:
+def _materialise(model, table, src: TensorSource, device, dtype, patch=None, read=None) -> torch.nn.Module:
     state = {}
     for ours, (key, op) in table.items():
         t = apply_op(src.get(key), op)
+        if read is not None:
+            read(src.nbytes(key))
+        if patch is not None:
+            t = patch(ours, t)  # before the cast: merged in float32, an fp16 model is rounded once
         state[ours] = t.to(device=device, dtype=dtype).contiguous()
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
@@ -456,8 +474,13 @@ def inspect_checkpoint(path: str | Path) -> Configs:
 
 
 def load_components(path: str | Path, devices: torch.device | dict[str, torch.device],
-                    dtypes: dict[str, torch.dtype]):
+                    dtypes: dict[str, torch.dtype], skip: tuple[str, ...] = (), patch=None,
+                    progress: Callable[[int, int], None] | None = None):
     """Load the four SDXL networks, each onto its device (one for all, or one per component) in its dtype.
+    Components in `skip` are checked like the others but not read (a VAE given in its own file replaces the
+    checkpoint's). patch(component, our_key, tensor) -> tensor, if given, sees every tensor as read (file dtype,
+    our layout) before it is cast and placed: LoRAs merge there (minifusion.lora).
+    progress(bytes read, bytes to read) after every tensor.
     Returns ({component: module}, Configs, metadata)."""
     if not isinstance(devices, dict):
         devices = dict.fromkeys(COMPONENTS, devices)
@@ -490,7 +513,17 @@ def load_components(path: str | Path, devices: torch.device | dict[str, torch.de
                 problems = check(tables[c], _shapes(models[c]), sources[c], sources[c].keys(), DIFFUSERS_OPTIONAL)
                 if any(problems):
                     raise CheckpointError(_report(where / DIFFUSERS_FOLDER[c][0], *problems))
-        models = {c: _materialise(models[c], tables[c], sources[c], devices[c], dtypes[c]) for c in COMPONENTS}
+        wanted = [c for c in COMPONENTS if c not in skip]
+        total, done = sum(sources[c].nbytes(key) for c in wanted for key, _ in tables[c].values()), 0
+
+        def read(n: int) -> None:
+            nonlocal done
+            done += n
+            progress(done, total)
+
+        models = {c: _materialise(models[c], tables[c], sources[c], devices[c], dtypes[c],
+                                  partial(patch, c) if patch else None, read if progress else None)
+                  for c in wanted}
         return models, cfgs, sources["unet"].metadata
     finally:
         for s in (src, *sources.values()):
