@@ -149,80 +149,120 @@ class UNetBlock(nn.ModuleList):
         return x
 
 
-class UNet(nn.Module):
-    def __init__(self, cfg: UNetConfig):
+class Encoder(nn.Module):
+    """The half of the UNet that a ControlNet copies: the time and "text_time" embeddings, input_blocks and
+    middle_block. `attention`: per level, whether its blocks carry a SpatialTransformer; by default where
+    transformer_depth > 0 (-mid/-small ControlNets keep the module with zero transformer blocks at some levels)."""
+
+    def __init__(self, cfg: UNetConfig, attention: tuple[bool, ...] | None = None):
         super().__init__()
         self.cfg = cfg
-        mc, ted, groups, L = cfg.model_channels, cfg.time_embed_dim, cfg.norm_groups, cfg.num_res_blocks
-        chans = cfg.channels
-
-        def res(cin, cout):
-            return ResBlock(cin, cout, ted, groups)
-
-        def attn(ch, depth):
-            return SpatialTransformer(ch, depth, ch // cfg.head_dim, cfg.context_dim, groups)
-
+        mc, ted, chans = cfg.model_channels, cfg.time_embed_dim, cfg.channels
+        attention = tuple(d > 0 for d in cfg.transformer_depth) if attention is None else attention
         self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
         self.label_emb = nn.Sequential(
             nn.Sequential(nn.Linear(cfg.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted)))
 
         # down: per level L x (ResBlock [+ SpatialTransformer]), then a Downsample except at the deepest level
         self.input_blocks = nn.ModuleList([UNetBlock([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
-        skip_chans, ch = [mc], mc
+        self.skip_channels, ch = [mc], mc
         for level, (cout, depth) in enumerate(zip(chans, cfg.transformer_depth)):
-            for _ in range(L):
-                self.input_blocks.append(UNetBlock([res(ch, cout)] + ([attn(cout, depth)] if depth else [])))
+            for _ in range(cfg.num_res_blocks):
+                self.input_blocks.append(UNetBlock([self._res(ch, cout)]
+                                                   + ([self._attn(cout, depth)] if attention[level] else [])))
                 ch = cout
-                skip_chans.append(ch)
+                self.skip_channels.append(ch)
             if level < len(chans) - 1:
                 self.input_blocks.append(UNetBlock([Downsample(ch)]))
-                skip_chans.append(ch)
+                self.skip_channels.append(ch)
 
-        self.middle_block = UNetBlock([res(ch, ch), attn(ch, cfg.transformer_depth_middle), res(ch, ch)])
+        self.middle_block = UNetBlock([self._res(ch, ch), self._attn(ch, cfg.transformer_depth_middle),
+                                       self._res(ch, ch)])
+
+    def _res(self, cin: int, cout: int) -> ResBlock:
+        return ResBlock(cin, cout, self.cfg.time_embed_dim, self.cfg.norm_groups)
+
+    def _attn(self, ch: int, depth: int) -> SpatialTransformer:
+        return SpatialTransformer(ch, depth, ch // self.cfg.head_dim, self.cfg.context_dim, self.cfg.norm_groups)
+
+    def embed(self, timesteps, pooled: torch.Tensor, time_ids: torch.Tensor, b: int, device) -> torch.Tensor:
+        """The embedding every ResBlock adds: timestep plus "text_time" added conditioning, in the weights' dtype."""
+        dtype = self.time_embed[0].weight.dtype
+        t = torch.as_tensor(timesteps, device=device).reshape(-1).expand(b)
+        # "text_time" added conditioning: each of the 6 numbers gets its own sinusoidal embedding, appended
+        # to the pooled text embedding (diffusers' add_embedding, sgm's label_emb over concat(pooled, ids))
+        ids = timestep_embedding(time_ids.reshape(-1), self.cfg.addition_time_embed_dim).reshape(b, -1)
+        return (self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))
+                + self.label_emb(torch.cat([pooled.float(), ids], dim=-1).to(dtype)))
+
+    def encode(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+               hint: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(middle block output, the skip connections: every input block's output). `hint` (a ControlNet's
+        embedded condition) is added to the first block's output, as cldm and diffusers do."""
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            if hint is not None:
+                h, hint = h + hint, None
+            skips.append(h)
+        return self.middle_block(h, emb, context), skips
+
+
+class UNet(Encoder):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__(cfg)
+        chans, skip_chans, ch = cfg.channels, list(self.skip_channels), self.skip_channels[-1]
 
         # up: per level (deepest first) L + 1 x (ResBlock on [h, skip] [+ SpatialTransformer]), the last of
         # them followed by an Upsample except at the shallowest level
         self.output_blocks = nn.ModuleList()
         for level in reversed(range(len(chans))):
             cout, depth = chans[level], cfg.transformer_depth[level]
-            for i in range(L + 1):
-                layers = [res(ch + skip_chans.pop(), cout)] + ([attn(cout, depth)] if depth else [])
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [self._res(ch + skip_chans.pop(), cout)] + ([self._attn(cout, depth)] if depth else [])
                 ch = cout
-                if level > 0 and i == L:
+                if level > 0 and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(UNetBlock(layers))
 
         self.out = nn.Sequential(
-            nn.GroupNorm(groups, ch, eps=1e-5), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+            nn.GroupNorm(cfg.norm_groups, ch, eps=1e-5), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def forward(self, latents: torch.Tensor, timesteps, context: torch.Tensor, pooled: torch.Tensor,
-                time_ids: torch.Tensor) -> torch.Tensor:
+                time_ids: torch.Tensor, residuals: tuple[list[torch.Tensor], torch.Tensor] | None = None
+                ) -> torch.Tensor:
         """latents (B, C, H, W) any H, W; timesteps a number, 0-d or (B,); context (B, 77, context_dim);
         pooled (B, pooled_dim); time_ids (B, 6) = original size, crop top-left, target size (SDXL
-        micro-conditioning). Runs in the parameters' dtype; returns the noise prediction in latents' dtype."""
+        micro-conditioning). residuals: a ControlNet's (down, mid), one tensor per skip connection and one
+        for the middle block's output, added to them (diffusers' down_block_additional_residuals and
+        mid_block_additional_residual); a `down` list is emptied once added, so that its tensors are freed
+        before the decoder half runs. Runs in the parameters' dtype; returns the noise prediction in latents'
+        dtype."""
         dtype, b = self.time_embed[0].weight.dtype, latents.shape[0]
-        t = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(b)
-        # "text_time" added conditioning: each of the 6 numbers gets its own sinusoidal embedding, appended
-        # to the pooled text embedding (diffusers' add_embedding, sgm's label_emb over concat(pooled, ids))
-        ids = timestep_embedding(time_ids.reshape(-1), self.cfg.addition_time_embed_dim).reshape(b, -1)
-        emb = (self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))
-               + self.label_emb(torch.cat([pooled.float(), ids], dim=-1).to(dtype)))
+        emb = self.embed(timesteps, pooled, time_ids, b, latents.device)
         context = context.to(dtype)
-
-        h, skips = latents.to(dtype), []
-        for block in self.input_blocks:
-            h = block(h, emb, context)
-            skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h, skips = self.encode(latents.to(dtype), emb, context)
+        if residuals is not None:
+            down, mid = residuals
+            if len(down) != len(skips):
+                raise ValueError(f"{len(down)} ControlNet residuals for {len(skips)} skip connections")
+            for i, r in enumerate(down):
+                skips[i] = skips[i] + r  # one at a time, so the old skip is freed before the next is made
+            if isinstance(down, list):
+                down.clear()
+            h = h + mid
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb, context, size=skips[-1].shape[-2:] if skips else None)
         return self.out(h).to(latents.dtype)
 
 
-def diffusers_keys(cfg: UNetConfig) -> dict[str, tuple[str, str]]:
+def diffusers_keys(cfg: UNetConfig, model: nn.Module | None = None, attention: tuple[bool, ...] | None = None,
+                   extra: dict[str, str] | None = None) -> dict[str, tuple[str, str]]:
     """{our key: (diffusers UNet2DConditionModel key, "")}. Modules map by prefix; inside a transformer the
-    names already agree, inside a ResBlock they are renamed."""
+    names already agree, inside a ResBlock they are renamed. For a ControlNet, which shares the encoder half:
+    `model` whose keys to map (default the UNet), `attention` as `Encoder` takes it, `extra` prefixes of its
+    own modules."""
     resnet = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
               "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
     prefix = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
@@ -236,10 +276,11 @@ def diffusers_keys(cfg: UNetConfig) -> dict[str, tuple[str, str]]:
             prefix[f"{ours}.1"] = f"{theirs}.attentions.{j}"
 
     L, levels = cfg.num_res_blocks, len(cfg.channels)
-    for i, depth in enumerate(cfg.transformer_depth):
+    attention = tuple(d > 0 for d in cfg.transformer_depth) if attention is None else attention
+    for i in range(levels):
         for j in range(L):
             n = 1 + i * (L + 1) + j
-            block(f"input_blocks.{n}", f"down_blocks.{i}", j, depth > 0)
+            block(f"input_blocks.{n}", f"down_blocks.{i}", j, attention[i])
         if i < levels - 1:
             prefix[f"input_blocks.{(i + 1) * (L + 1)}.0.op"] = f"down_blocks.{i}.downsamplers.0.conv"
     for j in (0, 1):
@@ -250,6 +291,7 @@ def diffusers_keys(cfg: UNetConfig) -> dict[str, tuple[str, str]]:
             block(f"output_blocks.{k}", f"up_blocks.{i}", j, depth > 0)
         if i < levels - 1:
             prefix[f"output_blocks.{i * (L + 1) + L}.{2 if depth else 1}.conv"] = f"up_blocks.{i}.upsamplers.0.conv"
+    prefix.update(extra or {})
 
     def rename(key: str) -> str:
         parts = key.split(".")
@@ -258,6 +300,7 @@ def diffusers_keys(cfg: UNetConfig) -> dict[str, tuple[str, str]]:
                 return ".".join([prefix[head], *parts[n:]])
         raise KeyError(f"no diffusers name for {key}")
 
-    with torch.device("meta"):
-        keys = UNet(cfg).state_dict().keys()
-    return {k: (rename(k), "") for k in keys}
+    if model is None:
+        with torch.device("meta"):
+            model = UNet(cfg)
+    return {k: (rename(k), "") for k in model.state_dict().keys()}
