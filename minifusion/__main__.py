@@ -460,6 +460,7 @@ class Progress:
         self.overall = tqdm(total=total_evals, desc="all", unit="eval", disable=not shown, position=0,
                             dynamic_ncols=True)
         self.bar: tqdm | None = None
+        self.decoding = False
         self.evals = 0
 
     def step(self, scale: int, step: int, steps: int, evals: int) -> None:
@@ -467,17 +468,18 @@ class Progress:
             self._close()
             self.bar = tqdm(total=steps, desc=f"scale {scale}/{self.n_scales}", unit="step", disable=not self.shown,
                             position=1, leave=False, dynamic_ncols=True)
-            self.evals = 0
+            self.decoding, self.evals = False, 0
             return
         self.overall.update(evals - self.evals)
         self.evals = evals
         self.bar.update(step - self.bar.n)
 
     def tile(self, done: int, total: int) -> None:
-        if self.bar is None or self.bar.desc != "VAE decode":
+        if not self.decoding:
             self._close()
             self.bar = tqdm(total=total, desc="VAE decode", unit="tile", disable=not self.shown, position=1,
                             leave=False, dynamic_ncols=True)
+            self.decoding = True
         self.bar.update(done - self.bar.n)
 
     def write(self, text: str) -> None:

@@ -6,26 +6,35 @@ import math
 import resource
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Callable, Collection, Iterator
+from typing import Callable, Collection, Iterable, Iterator
 
 import torch
 from PIL import Image
 
-from . import memory
-from .checkpoint import Configs, load_components
+from . import distributed, memory, metadata
+from .checkpoint import Configs, inspect_checkpoint, load_components
+from .controlnet import make_control
+from .controlnet_file import inspect_controlnet, load_controlnet
 from .decode import decode_tiled
+from .embeddings import Embedding, load_embeddings
 from .encode import base_scale_size, encode_tiled, load_image, open_image, sample_latents
 from .demofusion import Resume, demofusion, scale_sizes
 from .files import SavedScale
+from .lora import Applied, infotext, open_loras
+from .prompt import Chunk, encode_rows, pad_rows, to_chunks
 from .schedulers import SCHEDULERS
 from .tokenizer import Tokenizer
-from .views import Cond, is_out_of_memory
+from .vae_file import inspect_vae, swap_in, vae_dtype_for
+from .views import Cond, ViewRunner, is_out_of_memory
 
 log = logging.getLogger("minifusion")
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 MIN_DECODE_TILE = 32
 EOS = 49407  # SDXL's encoder 1 pads with end-of-text; encoder 2 pads with 0 ("!")
+TEXT_ENCODERS = ("text_encoder_1", "text_encoder_2")
+MAX_VIEW_BATCH = 1 << 16  # far above any step's view count (4096^2 has 65), so never the real limit
 
 
 def default_device() -> torch.device:
@@ -54,15 +63,64 @@ def cpu_flags() -> set[str]:
 
 
 def load(path: str | Path | None = None, device: str | torch.device | None = None,
-         dtype: torch.dtype | None = None) -> "Pipeline":
-    """Load an SDXL checkpoint: a single .safetensors file or a diffusers-layout folder (default: weights/)."""
+         dtype: torch.dtype | None = None, embeddings: str | Path | Iterable[str | Path] = (),
+         vae: str | Path | None = None, loras: Iterable[tuple[str | Path, float] | str | Path] = (),
+         controlnet: str | Path | Iterable[str | Path] = (), text_encoders: bool = True,
+         progress: Callable[[int, int], None] | None = None) -> "Pipeline":
+    """Load an SDXL checkpoint: a single .safetensors file or a diffusers-layout folder (default: weights/).
+    embeddings: SDXL textual-inversion files (.safetensors); each file's stem becomes a word prompts can use.
+    vae: a VAE file or folder in place of the checkpoint's, whose VAE weights are then never read (layouts, and
+    how its scaling factor and precision are decided: minifusion.vae_file).
+    loras: LoRA / LyCORIS files, each a path or (path, weight) (weight 1 by default), merged into the weights
+    as they load, in this order (formats and arithmetic: minifusion.lora); `Pipeline.loras` lists them.
+    controlnet: one SDXL ControlNet (file or folder; layouts: minifusion.controlnet_file) or several, kept beside
+    the UNet; `generate(control_image=...)` steers with them.
+    text_encoders=False: leave both text encoders unread (the ranks of a group other than 0, which are handed the
+    encoded prompt); encode_prompt then refuses. progress(bytes read, bytes to read) as the weights load."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    # SDXL's VAE overflows in fp16 (the reason for diffusers' force_upcast), so it runs in fp32 then
-    vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+    own_vae = inspect_vae(vae) if vae is not None else None  # headers only: a bad one fails before the checkpoint
+    vae_dtype = vae_dtype_for(dtype, own_vae is not None and own_vae.fp16_safe)
     dtypes = {"unet": dtype, "vae": vae_dtype, "text_encoder_1": dtype, "text_encoder_2": dtype}
-    models, cfgs, metadata = load_components(path if path is not None else DEFAULT_WEIGHTS, placement(device), dtypes)
-    return Pipeline(models, cfgs, device, dtype, metadata)
+    path = path if path is not None else DEFAULT_WEIGHTS
+    # every LoRA is checked against the checkpoint's architecture (headers only) before a weight is read
+    patch = open_loras(loras, inspect_checkpoint(path)) if loras else None
+    controlnets = [controlnet] if isinstance(controlnet, (str, Path)) else list(controlnet)
+    # headers only, like the LoRAs: a ControlNet that does not fit the UNet fails before a weight is read
+    control_files = [inspect_controlnet(c, inspect_checkpoint(path).unet) for c in controlnets]
+    try:
+        skip = (("vae",) if own_vae is not None else ()) + (() if text_encoders else TEXT_ENCODERS)
+        models, cfgs, header = load_components(path, placement(device), dtypes, skip=skip, patch=patch,
+                                               progress=progress)
+    finally:
+        if patch is not None:
+            patch.close()
+    if own_vae is not None:
+        models["vae"], cfgs = swap_in(own_vae, cfgs, placement(device)["vae"], vae_dtype)
+    pipe = Pipeline(models, cfgs, device, dtype, header)
+    pipe.loras = patch.applied if patch is not None else []
+    pipe.controlnets = [load_controlnet(f, placement(device)["unet"], dtype) for f in control_files]
+    pipe.embeddings = load_embeddings(embeddings, (cfgs.text_encoder_1.width, cfgs.text_encoder_2.width),
+                                      pipe.tokenizer.encode)
+    pipe.sources = {"weights": str(path), "lora": [[str(p), w] for p, w in _weighted(loras)],
+                    "vae": None if vae is None else str(vae),
+                    "embedding": [str(e) for e in ([embeddings] if isinstance(embeddings, (str, Path)) else embeddings)],
+                    "controlnet": [str(c) for c in controlnets]}
+    return pipe
+
+
+def _unknown_arguments(unknown: dict) -> str:
+    """A TypeError's message for generate()'s unknown keywords, naming the right one where the command line's
+    name (or diffusers') was used."""
+    names = {**{cli: api for cli, api in metadata.SETTINGS.items() if cli != api},
+             "num_steps": "num_inference_steps", "negative": "negative_prompt", "cfg_scale": "guidance_scale",
+             "generator": "seed (an int)", "tile": "multi_decoder", "out": "(none: save result.images yourself)"}
+    parts = [f"{k!r}" + (f" (did you mean {names[k]}?)" if k in names else "") for k in unknown]
+    return "generate() got unexpected keyword argument(s) " + ", ".join(parts)
+
+
+def _weighted(loras) -> list[tuple[str | Path, float]]:
+    return [(lora, 1.0) if isinstance(lora, (str, Path)) else tuple(lora) for lora in loras]
 
 
 def placement(device: torch.device) -> dict[str, torch.device]:
@@ -86,7 +144,9 @@ def check_request(base: int, window: int, height: int, width: int, num_inference
     base: the model's native image size (px); window: its native latent size.
     """
     for name, v in (("height", height), ("width", width)):
-        if not isinstance(v, int) or isinstance(v, bool) or v % 8:
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"{name} {v!r} is invalid; it must be a positive multiple of 8, at least {base // 4}")
+        if v % 8:
             raise ValueError(f"{name} {v!r} is not a multiple of 8; pick e.g. {max(8, int(v) // 8 * 8)}")
     if max(height, width) < base:
         raise ValueError(f"size {width}x{height} is below this model's base size: the longer side must be at "
@@ -104,7 +164,8 @@ def check_request(base: int, window: int, height: int, width: int, num_inference
     checks = [
         ("num_inference_steps", num_inference_steps, integer(num_inference_steps, 1, 1000), "an integer from 1 to 1000"),
         ("guidance_scale", guidance_scale, number(guidance_scale, 0), "a finite number >= 0"),
-        ("view_batch_size", view_batch_size, integer(view_batch_size, 1, 1 << 16), "an integer >= 1"),
+        ("view_batch_size", view_batch_size, integer(view_batch_size, 1, MAX_VIEW_BATCH),
+         f"an integer from 1 to {MAX_VIEW_BATCH}"),
         ("stride", stride, integer(stride, 1, window), f"an integer from 1 to the window size, {window}"),
         ("cosine_scale_1", cosine_scale_1, number(cosine_scale_1, 0), "a finite number >= 0"),
         ("cosine_scale_2", cosine_scale_2, number(cosine_scale_2, 0), "a finite number >= 0"),
@@ -126,53 +187,72 @@ class Pipeline:
                  dtype: torch.dtype, metadata: dict[str, str] | None = None):
         self.unet = models["unet"]
         self.vae = models["vae"]
-        self.text_encoder_1 = models["text_encoder_1"]
-        self.text_encoder_2 = models["text_encoder_2"]
+        self.text_encoder_1 = models.get("text_encoder_1")  # None when load(text_encoders=False)
+        self.text_encoder_2 = models.get("text_encoder_2")
         self.tokenizer = Tokenizer()
         self.configs = cfgs
         self.device = device
         self.dtype = dtype
         self.metadata = metadata or {}
+        self.embeddings: dict[str, Embedding] = {}  # textual inversion, by name (see `load`)
+        self.loras: list[Applied] = []  # merged LoRAs: file name, weight, A1111 short hash (lora.infotext)
+        self.controlnets: list = []  # ControlNets (models.controlnet), on the UNet's device (see `load`)
+        self.sources: dict = {"weights": None}  # what `load` was given, recorded in every image's metadata
         self.host = torch.device("cpu")  # where idle networks wait when a memory budget needs them off the device
         self._where: dict[str, torch.device] = {}  # where _place moved a network; absent: where load left it
+        self._model_info: dict | None = None
 
     @property
     def base_size(self) -> int:
         """The native image size in pixels (1024 for SDXL): DemoFusion's phase-1 size."""
         return self.configs.unet.sample_size * 8
 
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        """What the VAE runs in: float32 beside a float16 UNet, unless it is the fp16-fix VAE (vae_file)."""
+        return self.vae.post_quant_conv.weight.dtype
+
     @torch.no_grad()
     def encode_prompt(self, prompts: str | list[str], negative_prompts: str | list[str] | None = None):
         """(context, pooled), negatives first then positives, as classifier-free guidance wants them.
 
-        context is both encoders' penultimate hidden states side by side (B, 77, 768 + 1280); pooled is
-        encoder 2's projected end-of-text embedding. No negative prompt at all means all-zero negative
+        Prompts are read as Automatic1111 reads them (minifusion.prompt): emphasis such as (word:1.3), BREAK,
+        textual-inversion words (`load(embeddings=...)`), and any length, in chunks of 75 tokens. context is both
+        encoders' penultimate hidden states side by side, 77 tokens per chunk: (2B, 77k, 768 + 1280), every row
+        padded with empty chunks to the longest prompt's k; pooled (2B, 1280) is encoder 2's projected
+        end-of-text embedding of each prompt's first chunk. No negative prompt at all means all-zero negative
         embeddings, as SDXL base does (force_zeros_for_empty_prompt); an explicit "" is encoded.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        for p in prompts + ([negative_prompts] if isinstance(negative_prompts, str) else list(negative_prompts or [])):
-            if dropped := self.tokenizer.truncated(p):
-                log.warning('the prompt is longer than CLIP\'s 77 tokens; this part is ignored: "%s"', dropped)
-        context, pooled = self._encode(prompts)
-        if negative_prompts is None:
-            neg_context, neg_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
-        else:
+        if not prompts:
+            raise ValueError("encode_prompt needs at least one prompt")
+        negatives = None
+        if negative_prompts is not None:
             negatives = [negative_prompts] * len(prompts) if isinstance(negative_prompts, str) else list(negative_prompts)
             if len(negatives) != len(prompts):
                 raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-            neg_context, neg_pooled = self._encode(negatives)
+        rows = [to_chunks(p, self.tokenizer, self.embeddings) for p in prompts]
+        neg_rows = [to_chunks(p, self.tokenizer, self.embeddings) for p in negatives or []]
+        count = max(len(row) for row in rows + neg_rows)
+        # positives and negatives encoded apart, as before long prompts: a prompt of one chunk keeps its exact numbers
+        context, pooled = self._encode(pad_rows(rows, count))
+        if negatives is None:
+            neg_context, neg_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
+        else:
+            neg_context, neg_pooled = self._encode(pad_rows(neg_rows, count))
         return torch.cat([neg_context, context]), torch.cat([neg_pooled, pooled])
 
-    def _encode(self, prompts: list[str]):
+    def _encode(self, rows: list[list[Chunk]]):
+        if self.text_encoder_1 is None:
+            raise RuntimeError("this pipeline was loaded without its text encoders (load(text_encoders=False))")
         home = next(self.text_encoder_1.parameters()).device
         encoders = (self.text_encoder_1.to(self.device), self.text_encoder_2.to(self.device))
         try:
-            hidden_1, _ = encoders[0](self.tokenizer(prompts, pad_id=EOS).to(self.device))
-            hidden_2, pooled = encoders[1](self.tokenizer(prompts, pad_id=0).to(self.device))
+            context, pooled = encode_rows(encoders, rows, self.embeddings, self.device, pad_ids=(EOS, 0))
         finally:
             for encoder in encoders:
                 encoder.to(home)
-        return torch.cat([hidden_1, hidden_2], dim=-1).to(self.dtype), pooled.to(self.dtype)
+        return context.to(self.dtype), pooled.to(self.dtype)
 
     @torch.no_grad()
     def iter_generate(self, prompt: str, negative_prompt: str | None = None, height: int | None = None,
@@ -184,12 +264,21 @@ class Pipeline:
                       scheduler: str = "ddim", callback: Callable[[int, int, int, int], None] | None = None,
                       decode_progress: bool | Callable[[int, int], None] | None = None,
                       resume: SavedScale | None = None, image: Image.Image | str | Path | None = None,
-                      max_memory: int | str | None = None) -> Iterator["Scale"]:
+                      max_memory: int | str | None = None, view_parallel: bool = True,
+                      control_image=None, controlnet_conditioning_scale: float | list[float] = 1.0,
+                      control_guidance_start: float | list[float] = 0.0,
+                      control_guidance_end: float | list[float] = 1.0, guess_mode: bool = False,
+                      record: dict | None = None, **unknown) -> Iterator["Scale"]:
         """Yield each scale as soon as it is decoded (base scale first). Arguments as `generate`."""
+        if unknown:
+            raise TypeError(_unknown_arguments(unknown))
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be text, not {type(prompt).__name__}")
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise TypeError(f"negative_prompt must be text or None, not {type(negative_prompt).__name__}")
+        image_path = str(image) if isinstance(image, (str, Path)) else None
+        control_paths = [str(c) if isinstance(c, (str, Path)) else None for c in
+                         (control_image if isinstance(control_image, (list, tuple)) else [control_image])]
         if image is not None:
             if resume is not None:
                 raise ValueError("pass either image or resume, not both")
@@ -208,20 +297,46 @@ class Pipeline:
             vb = planned.view_batch_size
             view_batch_size = vb if view_batch_size is None else min(view_batch_size, vb)
         view_batch_size = 16 if view_batch_size is None else view_batch_size
+        settings = {"prompt": prompt, "negative": negative_prompt, "height": height, "width": width,
+                    "steps": num_inference_steps, "guidance": guidance_scale, "seed": seed, "scheduler": scheduler,
+                    "stride": stride, "view_batch": view_batch_size, "c1": cosine_scale_1, "c2": cosine_scale_2,
+                    "c3": cosine_scale_3, "sigma": sigma, "tiled_decode": multi_decoder, "jitter": jitter,
+                    "image": image_path, "max_memory": max_memory, **self.sources}
+        if control_image is not None:
+            settings.update({"control_image": control_paths, "control_scale": controlnet_conditioning_scale,
+                             "control_start": control_guidance_start, "control_end": control_guidance_end,
+                             "guess_mode": guess_mode})
+        settings.update(record or {})
+        scales = len(scale_sizes(height, width, self.base_size))
+        control = None if control_image is None else make_control(
+            self.controlnets, control_image, controlnet_conditioning_scale, control_guidance_start,
+            control_guidance_end, guess_mode, height=height, width=width, base_px=self.base_size,
+            steps=num_inference_steps)
         try:
             self._place(None, kept)
-            context, pooled = self.encode_prompt(prompt, negative_prompt)
+            group = distributed.default_group() if view_parallel else None
+            runner = distributed.view_runner(group) if group is not None else ViewRunner
+            share = distributed.TileShare(group, self.device) if group is not None else None
+            if group is None:
+                context, pooled = self.encode_prompt(prompt, negative_prompt)
+            else:  # encoded once, on rank 0: the other ranks need not hold the text encoders
+                context, pooled = distributed.broadcast_tensors(
+                    self.encode_prompt(prompt, negative_prompt) if distributed.rank(group) == 0 else None,
+                    [self.dtype, self.dtype], group, self.device)
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
             start_from = None
             if image is not None:
                 # image-to-image: the picture, encoded at phase 1's size, replaces phase 1
                 self._place("vae", kept)
-                z = self.encode_image(image, height, width, generator, tile=decode_tile if max_memory else None)
+                z = self.encode_image(image, height, width, generator, tile=decode_tile if max_memory else None,
+                                      share=share)
                 start_from = Resume(1, z, z.mean().item(), z.std().item())
-                image = self.decode(z, tiled=decode_tile is not None, tile=decode_tile, progress=decode_progress)
+                image = self.decode(z, tiled=decode_tile is not None, tile=decode_tile, progress=decode_progress,
+                                    share=share)
+                image.info.update(metadata.info(settings, image.size, 1, scales, self.model_info()))
                 yield Scale(1, image, z, {"scale": 1, "latent_size": tuple(z.shape[-2:]), "encoded_from_image": True},
                             (start_from.anchor_mean, start_from.anchor_std),
-                            generator.get_state() if generator is not None else None)
+                            generator.get_state() if generator is not None else None, settings)
             if resume is not None:
                 start_from = Resume(resume.scale, resume.latents, resume.anchor_mean, resume.anchor_std)
                 if generator is not None and resume.generator_state is not None:
@@ -233,10 +348,11 @@ class Pipeline:
                              cosine_scale_2=cosine_scale_2, cosine_scale_3=cosine_scale_3, sigma=sigma, jitter=jitter,
                              latents=latents, noise=noise, scheduler=scheduler, progress=callback, resume=start_from,
                              on_out_of_memory=lambda n: log.warning(
-                                 "out of memory: continuing with %d view(s) per UNet call (view_batch_size)", n))
+                                 "out of memory: continuing with %d view(s) per UNet call (view_batch_size)", n),
+                             runner=runner if control is None else partial(runner, control=control))
             anchor = (start_from.anchor_mean, start_from.anchor_std) if start_from else None
-            done, last = start_from.scale if start_from else 0, len(scale_sizes(height, width, self.base_size))
-            while done < last:
+            done = start_from.scale if start_from else 0
+            while done < scales:
                 _reset_peak(self.device)
                 start = time.perf_counter()
                 self._place("unet", kept)
@@ -250,7 +366,7 @@ class Pipeline:
                 denoised = time.perf_counter() - start
                 self._place("vae", kept)
                 image = self.decode(scale.latents, tiled=decode_tile is not None, tile=decode_tile,
-                                    progress=decode_progress)
+                                    progress=decode_progress, share=share)
                 stats = {"scale": scale.scale, "latent_size": scale.stats.latent_size,
                          "seconds": time.perf_counter() - start, "denoise_seconds": denoised,
                          "view_batch_size": view_batch_size, "decode_tile": decode_tile,
@@ -258,7 +374,8 @@ class Pipeline:
                          "windows": scale.stats.windows,
                          "dilated_views": scale.stats.dilated_views, "peak_memory_bytes": _peak(self.device)}
                 state = generator.get_state() if generator is not None else None
-                yield Scale(scale.scale, image, scale.latents, stats, anchor, state)
+                image.info.update(metadata.info(settings, image.size, scale.scale, scales, self.model_info()))
+                yield Scale(scale.scale, image, scale.latents, stats, anchor, state, settings)
         finally:
             for name in ("unet", "vae"):  # back where load left them
                 self._place(name, ("unet", "vae"))
@@ -280,6 +397,17 @@ class Pipeline:
         UNet and the VAE both resident, each waits on the host while the other runs (the UNet's weights cross
         to the host and back once per scale). ValueError, naming the least memory that would do, when nothing
         fits at all. A prediction: out-of-memory recovery still stands behind it.
+        control_image: steer with the ControlNets of `load(controlnet=...)`, one condition image each (PIL image,
+        path, or float tensor (1, 3, H, W) in [0, 1]; a list for several), resized to phase 1's size and cut for
+        every view as the official DemoFusion ControlNet pipeline does (minifusion.controlnet);
+        controlnet_conditioning_scale (strength), control_guidance_start / control_guidance_end (the fraction of
+        each scale's steps it acts in) and guess_mode as diffusers' ControlNet pipelines take them, a list giving
+        one value per ControlNet. Without control_image the ControlNets stay idle.
+        view_parallel: when a torch.distributed default group of more than one rank is initialised, every rank
+        calls generate with the same arguments, shares the work of each step and of the decode (exact: the same
+        result as one process; minifusion.distributed) and gets the same Result; False runs this process alone.
+        record: more settings to record in the images' metadata (the command line's own).
+        Keywords take generate()'s names; the command line's (steps, negative, ...) get a TypeError naming them.
         """
         result = Result()
         for scale in self.iter_generate(prompt, **kwargs):
@@ -288,20 +416,37 @@ class Pipeline:
             result.stats.append(scale.stats)
         return result
 
+    def model_info(self) -> dict:
+        """Names and Automatic1111's hashes of what `load` was given, for the images' metadata (each file is
+        hashed once; see metadata.file_hash)."""
+        if self._model_info is None:
+            weights, vae = self.sources.get("weights"), self.sources.get("vae")
+            info = {"name": Path(weights).stem if weights else None,
+                    "hash": metadata.file_hash(weights) if weights and Path(weights).is_file() else None,
+                    "vae": Path(vae).name if vae else None,
+                    "vae_hash": metadata.file_hash(vae) if vae and Path(vae).is_file() else None,
+                    "loras": infotext(self.loras) if self.loras else None,
+                    "embeddings": ", ".join(f"{Path(e).stem}: {metadata.file_hash(e, 12)}"
+                                            for e in self.sources.get("embedding", ())) or None}
+            self._model_info = info
+        return self._model_info
+
     @property
     def resident(self) -> tuple[str, ...]:
         """The networks whose weights stay on the compute device between uses."""
         models = {"unet": self.unet, "vae": self.vae, "text_encoder_1": self.text_encoder_1,
                   "text_encoder_2": self.text_encoder_2}
-        return tuple(c for c, m in models.items() if next(m.parameters()).device.type == self.device.type)
+        return tuple(c for c, m in models.items()
+                     if m is not None and next(m.parameters()).device.type == self.device.type)
 
     def plan_memory(self, max_memory: int | str, height: int, width: int, stride: int | None = None,
                     untiled_decode: bool = False) -> memory.MemoryPlan:
         """View batch, decode tile and the networks kept on the device for a height x width run within
-        max_memory (see `generate`)."""
+        max_memory (see `generate`). Loaded ControlNets are counted as steering every UNet call."""
         tiles = ((None,) if untiled_decode else ()) + memory.DECODE_TILES
         return memory.plan(memory.parse_size(max_memory), self.configs, height, width, self.dtype, self.device.type,
-                           stride, self.resident, may_offload=self.host != self.device, decode_tiles=tiles)
+                           stride, self.resident, may_offload=self.host != self.device, decode_tiles=tiles,
+                           controlnets=tuple(net.control for net in self.controlnets))
 
     def _place(self, running: str | None, kept: Collection[str]) -> None:
         """Before `running` ("unet", "vae", or None while the text encoders run): of the UNet and the VAE, those
@@ -312,44 +457,53 @@ class Pipeline:
             module = getattr(self, name)
             if self._where.get(name, self.device) != where:
                 module.to(where)
+                for net in self.controlnets if name == "unet" else ():
+                    net.to(where)  # a ControlNet runs beside the UNet, in every UNet call
                 self._where[name] = where
                 if where == self.host and self.device.type == "cuda":
                     torch.cuda.empty_cache()  # its blocks back to the driver, free for other shapes
 
     @torch.no_grad()
     def encode_image(self, image: Image.Image | str | Path, height: int, width: int,
-                     generator: torch.Generator | None = None, tile: int | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, tile: int | None = None,
+                     share: distributed.TileShare | None = None) -> torch.Tensor:
         """The scaled latents of a picture resized to phase 1's size for a height x width run: a sample of
         the VAE's latent distribution (as the reference does), drawn from `generator`. Encoded in one piece,
-        or in tiles of `tile` px (the same result, see encode.py); out of memory, in ever smaller tiles."""
+        or in tiles of `tile` px (the same result, see encode.py); out of memory, in ever smaller tiles.
+        share: split the tiles over the ranks of a group (minifusion.distributed)."""
         h, w = base_scale_size(*open_image(image).size, self.base_size, height, width).base
         dtype = self.vae.post_quant_conv.weight.dtype
         x = load_image(image, h, w).to(self.device, dtype)
         mean, logvar = self._fit_in_memory(
-            "encode", lambda t: encode_tiled(self.vae, x, tile=t) if t else self.vae.encode(x), tile=tile)
+            "encode", lambda t: encode_tiled(self.vae, x, tile=t, share=share) if t else self.vae.encode(x),
+            tile=tile, alone=share is None)
         z = sample_latents(mean.to(self.device), logvar.to(self.device), generator)
         return (z * self.configs.vae.scaling_factor).float()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tiled: bool = True, tile: int = 256,
-               progress: bool | Callable[[int, int], None] | None = None) -> Image.Image:
-        """Latents (scaled, as the sampler returns them) -> PIL image."""
+               progress: bool | Callable[[int, int], None] | None = None,
+               share: distributed.TileShare | None = None) -> Image.Image:
+        """Latents (scaled, as the sampler returns them) -> PIL image. share: split the tiles over the ranks of a
+        group (minifusion.distributed)."""
         z = (latents / self.configs.vae.scaling_factor).to(self.vae.post_quant_conv.weight.dtype)
         x = self._fit_in_memory(
-            "decode", lambda t: decode_tiled(self.vae, z, tile=t, progress=progress) if t else self.vae.decode(z),
-            tile=tile if tiled else None)
+            "decode", lambda t: decode_tiled(self.vae, z, tile=t, progress=progress, share=share) if t
+            else self.vae.decode(z), tile=tile if tiled else None, alone=share is None)
         if not torch.isfinite(x).all():
             raise NonFiniteError("the VAE decode produced NaN or inf (a float16 overflow); decode in float32")
         return to_pil(x[0])
 
-    def _fit_in_memory(self, what: str, run: Callable[[int | None], torch.Tensor], tile: int | None):
+    def _fit_in_memory(self, what: str, run: Callable[[int | None], torch.Tensor], tile: int | None,
+                       alone: bool = True):
         """run(tile), tile None meaning in one piece; out of memory, retry in tiles of half the size (the
-        result is the same, see decode.py) until a tile would be smaller than MIN_DECODE_TILE."""
+        result is the same, see decode.py) until a tile would be smaller than MIN_DECODE_TILE. Not when the
+        tiles are shared by a group (`alone` False): the other ranks wait in a collective of the failed run."""
         while True:
             try:
                 return run(tile)
             except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
-                if not is_out_of_memory(err) or (tile is not None and tile // 2 < MIN_DECODE_TILE):
+                if not is_out_of_memory(err) or not alone or (tile is not None and tile // 2 < MIN_DECODE_TILE):
                     raise
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -365,9 +519,10 @@ class Scale:
     stats: dict
     anchor: tuple[float, float]  # phase 1's latent mean and std, which every later scale is renormalised to
     generator_state: torch.Tensor | None  # the random stream after this scale, to resume from it
+    settings: dict  # what the run was asked, under the command line's names (as the image's metadata records)
 
-    def saved(self, settings: dict) -> SavedScale:
-        return SavedScale(self.scale, self.latents, *self.anchor, self.generator_state, settings)
+    def saved(self) -> SavedScale:
+        return SavedScale(self.scale, self.latents, *self.anchor, self.generator_state, self.settings, self.stats)
 
 
 @dataclass
