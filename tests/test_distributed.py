@@ -1,6 +1,7 @@
 """View parallelism on torch.distributed (gloo, one thread per rank): 2 and 3 ranks give what one process gives,
 bit for bit — latents, pixels, tiled decode and encode, image-to-image — and a failure or out of memory on one
 rank reaches every rank."""
+import json
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 from minifusion.decode import decode_tiled
 from minifusion.distributed import assign, images_of_rank
 from minifusion.encode import encode_tiled
+from minifusion.files import load_latents
 
 sys.path.insert(0, str(Path(__file__).parent))
 import distributed_cases as cases  # noqa: E402
@@ -91,3 +93,60 @@ def test_assign_balances_whole_calls():
 def test_images_of_rank_split_without_overlap():
     assert [images_of_rank(7, r, 3) for r in range(3)] == [[0, 3, 6], [1, 4], [2, 5]]
     assert images_of_rank(1, 1, 2) == []
+
+
+CLI = ["a red fox", "--height", "768", "--width", "512", "--steps", "2", "--seed", "3", "--view-batch", "3",
+       "--device", "cpu", "--dtype", "float32"]
+
+
+def files_of(folder: Path) -> dict[str, object]:
+    """PNGs as bytes; latents files as what they hold but their timings (which differ between any two runs)."""
+    out = {}
+    for p in sorted(folder.iterdir()):
+        if p.name.endswith(".latent.safetensors"):
+            saved = load_latents(p)
+            out[p.name] = (saved.latents.numpy().tobytes(), saved.generator_state.numpy().tobytes(), saved.scale,
+                           saved.anchor_mean, saved.anchor_std, json.dumps(saved.settings, sort_keys=True))
+        else:
+            out[p.name] = p.read_bytes()
+    return out
+
+
+@pytest.fixture(scope="module")
+def cli_alone(tiny_file, tmp_path_factory):
+    """One process's files: one image (view parallel's reference) and three (image parallel's)."""
+    out = tmp_path_factory.mktemp("alone")
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    for name, extra in (("one", []), ("three", ["--count", "3"])):
+        (out / name).mkdir()
+        proc = subprocess.run([sys.executable, "-m", "minifusion", *CLI, *extra, "--weights", str(tiny_file),
+                               "--out", str(out / name / "fox.png")], capture_output=True, text=True, timeout=300,
+                              env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_torchrun_writes_the_files_one_process_writes(n, tiny_file, cli_alone, tmp_path):
+    # one image: the ranks share every step; rank 0 alone writes, says the plan and shows progress
+    proc = torchrun(n, "-m", "minifusion", *CLI, "--weights", tiny_file, "--out", tmp_path / "fox.png")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert files_of(tmp_path) == files_of(cli_alone / "one")  # PNGs byte for byte, latents bit for bit
+    assert proc.stderr.count("plan: 3 scale(s)") == 1 and proc.stderr.count("wrote ") == 3
+
+
+def test_torchrun_splits_several_images_over_the_ranks(tiny_file, cli_alone, tmp_path):
+    proc = torchrun(2, "-m", "minifusion", *CLI, "--count", "3", "--weights", tiny_file, "--out", tmp_path / "fox.png")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert files_of(tmp_path) == files_of(cli_alone / "three")
+    assert "rank 1: wrote" in proc.stderr  # each rank writes its own images
+
+
+def test_a_bad_request_under_torchrun_is_said_once(tiny_file, tmp_path):
+    proc = torchrun(2, "-m", "minifusion", "a cat", "--weights", tiny_file, "--out", tmp_path / "x.png",
+                    "--height", "500", timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: height 500 is not a multiple of 8") == 1
+    # no rank raised (torchrun then prints its frames as "[rankN]: ..."); torchrun's own report of the exit
+    # status follows, which is torchrun's doing
+    assert "[rank" not in proc.stderr and "minifusion/__main__.py" not in proc.stderr
