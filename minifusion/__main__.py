@@ -27,7 +27,10 @@ from tqdm.auto import tqdm
 
 from . import distributed, memory, metadata
 from .checkpoint import CheckpointError, inspect_checkpoint
-from .controlnet import canny
+from .controlnet import canny, phase1_condition_size
+from .controlnet_file import inspect_controlnet
+from .embeddings import load_embeddings
+from .lora import open_loras, parse_spec
 from .demofusion import scale_sizes
 from .encode import ImageError, base_scale_size, open_image
 from .files import LatentFileError, SavedScale, atomic_write, latent_path, load_latents, save_latents
@@ -35,6 +38,8 @@ from .metadata import CLI_SETTINGS, MODEL_SETTINGS, SETTINGS, NoSettings, save_p
 from .pipeline import DEFAULT_WEIGHTS, NonFiniteError, check_request, default_device, default_dtype, load, resident
 from .safetensors_check import NotSafetensors
 from .schedulers import SCHEDULERS
+from .tokenizer import Tokenizer
+from .vae_file import inspect_vae
 from .views import is_out_of_memory
 
 log = logging.getLogger("minifusion")
@@ -136,15 +141,6 @@ def memory_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def lora_arg(text: str) -> list:
-    """PATH[:WEIGHT] -> [path, weight]; a colon inside the path (C:\\...) stays there."""
-    path, _, weight = text.rpartition(":")
-    try:
-        return [path, float(weight)] if path else [text, 1.0]
-    except ValueError:
-        return [text, 1.0]
-
-
 def resolve_settings(args, resume: SavedScale | None = None) -> dict:
     """Flags given on the command line, over settings from --settings-from or --resume, over the defaults."""
     settings = dict(DEFAULTS)
@@ -162,7 +158,10 @@ def resolve_settings(args, resume: SavedScale | None = None) -> dict:
     given = {k: getattr(args, k) for k in (*SETTINGS, *MODEL_SETTINGS, *CLI_SETTINGS)
              if getattr(args, k, None) is not None}
     if "lora" in given:
-        given["lora"] = [lora_arg(t) for t in given["lora"]]
+        try:
+            given["lora"] = [[str(path), weight] for path, weight in map(parse_spec, given["lora"])]
+        except ValueError as e:
+            raise UserError(str(e)) from None
     for name in ("weights", "vae"):
         if name in given:
             given[name] = str(given[name])
@@ -326,7 +325,8 @@ def plan(args, device: torch.device | None = None) -> Plan:
         check_request(base, window, **{k: kwargs[k] for k in CHECKED if kwargs[k] is not None})
     except ValueError as e:
         raise UserError(str(e)) from None
-    control(args, settings, kwargs)
+    check_adapters(settings, cfgs)
+    nets = control(settings, kwargs, cfgs)
 
     n_scales = max(1, int(max(settings["height"], settings["width"]) / base))
     first = resume.scale + 1 if resume is not None else 1
@@ -360,43 +360,63 @@ def plan(args, device: torch.device | None = None) -> Plan:
         lines.append(f"seed {seed} (drawn at random; --seed {seed} makes " + ("this image" if len(jobs) == 1 else
                      "these images") + " again)")
     if not args.force:
-        check_fits(cfgs, settings, device, dtype)
+        check_fits(cfgs, settings, device, dtype, nets)
     if settings["max_memory"] is not None:
-        lines.append(plan_memory(cfgs, settings, device, dtype))
-    lines.append(describe(cfgs, settings, first, device, dtype, len(jobs)))
+        lines.append(plan_memory(cfgs, settings, device, dtype, nets))
+    lines.append(describe(cfgs, settings, first, device, dtype, len(jobs), nets))
     if out is None:
         OUTPUTS.mkdir(exist_ok=True)
     record = {k: settings[k] for k in ("control_image", "canny") if settings.get(k) is not None}
     return Plan(device, dtype, settings, kwargs, jobs, first, resume, cfgs, record, lines)
 
 
-def control(args, settings: dict, kwargs: dict) -> None:
-    """Check the ControlNet flags against each other and, with --canny, make the edge images."""
+def check_adapters(settings: dict, cfgs) -> None:
+    """LoRAs, a VAE and embeddings checked against the checkpoint before anything loads (headers, and the
+    embeddings' few vectors): a bad one is one line before the long wait, not after it."""
+    try:
+        if settings["lora"]:
+            open_loras([tuple(x) for x in settings["lora"]], cfgs).close()
+        if settings["vae"]:
+            inspect_vae(settings["vae"])
+        if settings["embedding"]:
+            load_embeddings(settings["embedding"], (cfgs.text_encoder_1.width, cfgs.text_encoder_2.width),
+                            Tokenizer().encode)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def control(settings: dict, kwargs: dict, cfgs) -> tuple:
+    """Check the ControlNet flags against each other and the checkpoint (headers only) and, with --canny, make
+    the edge images at phase 1's size. The ControlNets' configs, for the memory model."""
     nets, images = settings["controlnet"] or [], settings["control_image"]
     images = [] if images is None else images if isinstance(images, list) else [images]
     if not nets and not images:
         for name in ("control_image", "control_scale", "control_start", "control_end", "guess_mode"):
             kwargs.pop(SETTINGS[name], None)
-        return
+        return ()
     if len(images) != len(nets):
         raise UserError(f"{len(nets)} --controlnet but {len(images)} --control-image: give one image per ControlNet")
+    configs = tuple(inspect_controlnet(n, cfgs.unet).config for n in nets)
     try:
         pictures = [open_image(i) for i in images]
         if settings["canny"]:
-            pictures = [canny(p) for p in pictures]
+            size = phase1_condition_size(settings["height"], settings["width"], cfgs.unet.sample_size * 8)
+            pictures = [canny(p, size) for p in pictures]
     except (ImageError, ValueError, ImportError) as e:
         raise UserError(str(e)) from None
     kwargs["control_image"] = pictures if len(pictures) > 1 else pictures[0]
+    return configs
 
 
-def describe(cfgs, settings: dict, first: int, device: torch.device, dtype: torch.dtype, images: int) -> str:
+def describe(cfgs, settings: dict, first: int, device: torch.device, dtype: torch.dtype, images: int,
+             nets: tuple = ()) -> str:
     """One line: the scales and their sizes, the UNet evaluations and the predicted peak memory."""
     h, w = settings["height"], settings["width"]
     base = cfgs.unet.sample_size * 8
     sizes = [(8 * a, 8 * b) for a, b in scale_sizes(h, w, base)]
     est = memory.estimate(cfgs, h, w, settings["steps"], view_batch_size=settings["view_batch"] or 16, dtype=dtype,
                           decode_tile=256 if settings["tiled_decode"] else None, stride=settings["stride"],
-                          resident=resident(device))
+                          resident=resident(device), controlnets=nets)
     evals = total_evals(cfgs, settings, first)
     peak = max(memory.needs(est["scales"], device.type))
     scales = " -> ".join(f"{b}x{a}" for a, b in sizes[first - 1:])
@@ -413,7 +433,7 @@ def device_memory(device: torch.device) -> int | None:
     return None
 
 
-def check_fits(cfgs, settings: dict, device: torch.device, dtype: torch.dtype) -> None:
+def check_fits(cfgs, settings: dict, device: torch.device, dtype: torch.dtype, nets: tuple = ()) -> None:
     """Refuse a request that cannot fit the device even with one view per UNet call and the smallest decode
     tile (out-of-memory recovery stops there), saying what it would cost."""
     have = device_memory(device)
@@ -421,7 +441,7 @@ def check_fits(cfgs, settings: dict, device: torch.device, dtype: torch.dtype) -
         return
     est = memory.estimate(cfgs, settings["height"], settings["width"], settings["steps"], view_batch_size=1,
                           dtype=dtype, decode_tile=memory.DECODE_TILES[-1], stride=settings["stride"],
-                          resident=resident(device))
+                          resident=resident(device), controlnets=nets)
     need = max(memory.needs(est["scales"], device.type))
     if need > have:
         raise UserError(f"{settings['width']}x{settings['height']} needs about {need / 2**30:.1f} GiB even with "
@@ -430,7 +450,7 @@ def check_fits(cfgs, settings: dict, device: torch.device, dtype: torch.dtype) -
                         "size, or pass --force to try anyway")
 
 
-def plan_memory(cfgs, settings: dict, device: torch.device, dtype: torch.dtype) -> str:
+def plan_memory(cfgs, settings: dict, device: torch.device, dtype: torch.dtype, nets: tuple = ()) -> str:
     """Refuse a --max-memory nothing fits in, before loading; say what it chose."""
     budget = settings["max_memory"]
     have = device_memory(device)
@@ -441,7 +461,7 @@ def plan_memory(cfgs, settings: dict, device: torch.device, dtype: torch.dtype) 
     try:
         vb, tile, kept = memory.plan(budget, cfgs, settings["height"], settings["width"], dtype, device.type,
                                      settings["stride"], resident(device), may_offload=device.type != "cpu",
-                                     decode_tiles=tiles)
+                                     decode_tiles=tiles, controlnets=nets)
     except ValueError as e:
         raise UserError(f"--max-memory: {e}; raise it or choose a smaller --height/--width") from None
     if settings["view_batch"] is not None:

@@ -1,0 +1,108 @@
+"""The command line with what users load beside the checkpoint — LoRA, a separate VAE, an embedding, a ControlNet
+(with Canny) — on the tiny model: each changes the image, is recorded in the PNG, and --settings-from brings it
+back. (The numerics of each are proven against diffusers/peft in their own test files.)"""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from minifusion import __main__ as cli
+from minifusion.checkpoint import single_file_tables
+from minifusion.keyops import to_source
+from minifusion.metadata import parse_a1111
+from minifusion.models.controlnet import ControlNet, ControlNetConfig, diffusers_keys
+from minifusion.tiny import TINY, random_models, randomize
+
+FAST = ["--steps", "1", "--dtype", "float32", "--device", "cpu", "--seed", "0", "--height", "512", "--width", "512"]
+
+
+def run(capsys, *args):
+    code = cli.main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def meta(png):
+    with Image.open(png) as im:
+        return json.loads(im.text["minifusion"]), im.text["parameters"]
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """A kohya LoRA on one attention projection, another random VAE, an embedding and a ControlNet picture."""
+    d = tmp_path_factory.mktemp("adapters")
+    g = torch.Generator().manual_seed(11)
+    # lora_unet_ + the module path with "_" for "." (kohya's naming of our SDXL module names)
+    save_file({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.randn(4, 64, generator=g),
+               "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.randn(64, 4, generator=g),
+               "lora_unet_input_blocks_4_1_proj_in.alpha": torch.tensor(4.0)}, str(d / "style.safetensors"))
+    models = random_models(TINY, seed=5)
+    vae = to_source(models["vae"].state_dict(), single_file_tables(TINY, models)["vae"])
+    save_file({k[len("first_stage_model."):]: v for k, v in vae.items()}, str(d / "other_vae.safetensors"))
+    save_file({"clip_l": torch.randn(2, 64, generator=g), "clip_g": torch.randn(2, 128, generator=g)},
+              str(d / "neggy.safetensors"))
+    cfg = ControlNetConfig(TINY.unet, (False, True, True), hint_channels=(4, 8, 8, 16))
+    net = randomize(ControlNet(cfg), torch.Generator().manual_seed(6))
+    (d / "cn").mkdir()
+    (d / "cn" / "config.json").write_text(json.dumps(cfg.to_diffusers_config()))
+    save_file(to_source(net.state_dict(), diffusers_keys(cfg)), str(d / "cn" / "diffusion_pytorch_model.safetensors"))
+    picture = np.zeros((256, 256, 3), dtype=np.uint8)
+    picture[64:192, 64:192] = 255
+    Image.fromarray(picture).save(d / "square.png")
+    return d
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("plain") / "plain.png"
+    assert cli.main(["a fox", "--weights", str(tiny_file), "--out", str(out), *FAST]) == 0
+    return Image.open(out).tobytes()
+
+
+@pytest.mark.parametrize("flags,recorded,a1111", [
+    (["--lora", "{d}/style.safetensors:0.7"], ("lora", [["{d}/style.safetensors", 0.7]]), "Lora hashes"),
+    (["--vae", "{d}/other_vae.safetensors"], ("vae", "{d}/other_vae.safetensors"), "VAE hash"),
+    (["--embedding", "{d}/neggy.safetensors", "--negative", "neggy"], ("embedding", ["{d}/neggy.safetensors"]),
+     "TI hashes"),
+    (["--controlnet", "{d}/cn", "--control-image", "{d}/square.png", "--canny", "--control-scale", "0.8"],
+     ("controlnet", ["{d}/cn"]), None),
+])
+def test_each_changes_the_image_and_comes_back_with_settings_from(tiny_file, adapters, plain, tmp_path, capsys,
+                                                                  flags, recorded, a1111):
+    flags = [f.format(d=adapters) for f in flags]
+    out = tmp_path / "x.png"
+    code, err = run(capsys, "a fox", "--weights", tiny_file, "--out", out, *FAST, *flags)
+    assert code == 0, err
+    assert Image.open(out).tobytes() != plain
+    record, parameters = meta(out)
+    name, value = recorded
+    want = json.loads(json.dumps(value).replace("{d}", str(adapters)))
+    assert record["settings"][name] == want
+    if a1111:
+        assert a1111 in parse_a1111(parameters)
+    again = tmp_path / "again.png"
+    code, err = run(capsys, "--settings-from", out, "--out", again, "--device", "cpu", "--dtype", "float32")
+    assert code == 0, err
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_control_flags_must_pair_up(tiny_file, adapters, tmp_path, capsys):
+    code, err = run(capsys, "a fox", "--weights", tiny_file, "--out", tmp_path / "x.png", *FAST,
+                    "--controlnet", adapters / "cn")
+    assert code == 2 and "1 --controlnet but 0 --control-image" in err and err.count("\n") == 1
+    # a colon not followed by a number belongs to the path, which then does not exist
+    code, err = run(capsys, "a fox", "--weights", tiny_file, "--out", tmp_path / "x.png", *FAST,
+                    "--lora", f"{adapters}/style.safetensors:lots")
+    assert code == 2 and f"{adapters}/style.safetensors:lots" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_bad_lora_is_one_line_before_the_checkpoint_loads(tiny_file, tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    save_file({"lora_unet_nowhere.lora_down.weight": torch.zeros(4, 8),
+               "lora_unet_nowhere.lora_up.weight": torch.zeros(8, 4)}, str(bad))
+    code, err = run(capsys, "a fox", "--weights", tiny_file, "--out", tmp_path / "x.png", *FAST, "--lora", bad)
+    assert code == 2 and err.startswith("error: ") and str(bad) in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x.png").exists()
