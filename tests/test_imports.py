@@ -31,3 +31,24 @@ def test_the_check_sees_a_forbidden_import(tmp_path):
     bad.write_text("import os\nfrom diffusers.models import UNet2DConditionModel\n"
                    "import importlib\nimportlib.import_module('open_clip')\n")
     assert imported_roots(bad) & FORBIDDEN == {"diffusers", "open_clip"}
+
+
+def declared(section: str) -> dict[str, str]:
+    """{import name: distribution} of pyproject's runtime dependencies or of one optional extra."""
+    import re
+    import tomllib
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]
+    names = project["dependencies"] if section == "runtime" else project["optional-dependencies"][section]
+    dists = [re.match(r"[A-Za-z0-9_.\-]+", d).group(0) for d in names]
+    imports = {"pillow": "PIL", "opencv-python-headless": "cv2", "open_clip_torch": "open_clip"}
+    return {imports.get(d.lower(), d.lower().replace("-", "_")): d for d in dists}
+
+
+def test_runtime_dependencies_are_exactly_what_the_package_imports():
+    import sys
+    imported = set().union(*(imported_roots(f) for f in PACKAGE.rglob("*.py")))
+    third_party = {r for r in imported if r not in sys.stdlib_module_names and r not in ("minifusion", "bench")}
+    runtime, optional = declared("runtime"), {**declared("ui"), **declared("canny")}
+    assert third_party - runtime.keys() - optional.keys() == set()  # nothing imported that install would miss
+    # nothing declared that is never imported, but open_clip, whose package only supplies the BPE vocabulary file
+    assert runtime.keys() - third_party == {"open_clip"}
