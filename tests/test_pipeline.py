@@ -73,3 +73,27 @@ def test_cpu_default_dtype_is_bfloat16_only_with_bf16_hardware(monkeypatch, flag
     monkeypatch.setattr(pl, "cpu_flags", lambda: flags)
     assert pl.default_dtype(torch.device("cpu")) == expected
     assert pl.default_dtype(torch.device("cuda")) == torch.float16
+
+
+def test_command_line_names_get_a_type_error_naming_generates(tiny_pipe):
+    with pytest.raises(TypeError, match=r"'steps' \(did you mean num_inference_steps\?\)"):
+        tiny_pipe.generate("a fox", steps=2)
+    with pytest.raises(TypeError, match=r"'negative' \(did you mean negative_prompt\?\)"):
+        list(tiny_pipe.iter_generate("a fox", negative="dark"))
+
+
+def test_returned_images_carry_the_metadata_the_files_get(tiny_pipe, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from minifusion.metadata import parse_a1111, save_png
+    result = tiny_pipe.generate("a fox", negative_prompt="fog", seed=3, **SMALL)
+    for scale, image in enumerate(result.images, start=1):
+        params = parse_a1111(image.info["parameters"])
+        assert (params["prompt"], params["negative"], params["Seed"], params["Steps"]) == ("a fox", "fog", "3", "2")
+        assert params["Size"] == f"{image.width}x{image.height}"
+        record = json.loads(image.info["minifusion"])
+        assert record["scale"] == scale and record["settings"]["height"] == 512
+    save_png(result.images[-1], tmp_path / "x.png")
+    assert Image.open(tmp_path / "x.png").text == {k: result.images[-1].info[k] for k in ("parameters", "minifusion")}
