@@ -471,14 +471,23 @@ def plan_memory(cfgs, settings: dict, device: torch.device, dtype: torch.dtype, 
             + ("" if kept else "; the UNet and the VAE take turns on the device"))
 
 
+def bar(nested: bool = False, **kwargs) -> tqdm:
+    # in a terminal, live bars one under the other; in a log (CI, a pipe) only the outer ones, a line every half
+    # minute, as nested bars there are cursor-movement garbage
+    tty = sys.stderr.isatty()
+    if nested and not tty:
+        kwargs["disable"] = True
+    return tqdm(**kwargs, file=sys.stderr, dynamic_ncols=True, mininterval=0.1 if tty else 30,
+                position=(1 if nested else 0) if tty else None)
+
+
 class Progress:
     """On stderr: the whole run's UNet evaluations with its ETA, each scale's steps (its bar appearing as the
     scale begins), each decode's tiles. Quiet where `shown` is False (ranks other than 0)."""
 
     def __init__(self, total_evals: int, n_scales: int, shown: bool):
         self.shown, self.n_scales = shown, n_scales
-        self.overall = tqdm(total=total_evals, desc="all", unit="eval", disable=not shown, position=0,
-                            dynamic_ncols=True)
+        self.overall = bar(total=total_evals, desc="all", unit="eval", disable=not shown)
         self.bar: tqdm | None = None
         self.decoding = False
         self.evals = 0
@@ -486,8 +495,8 @@ class Progress:
     def step(self, scale: int, step: int, steps: int, evals: int) -> None:
         if step == 0:  # a scale begins
             self._close()
-            self.bar = tqdm(total=steps, desc=f"scale {scale}/{self.n_scales}", unit="step", disable=not self.shown,
-                            position=1, leave=False, dynamic_ncols=True)
+            self.bar = bar(True, total=steps, desc=f"scale {scale}/{self.n_scales}", unit="step",
+                           disable=not self.shown, leave=False)
             self.decoding, self.evals = False, 0
             return
         self.overall.update(evals - self.evals)
@@ -497,8 +506,8 @@ class Progress:
     def tile(self, done: int, total: int) -> None:
         if not self.decoding:
             self._close()
-            self.bar = tqdm(total=total, desc="VAE decode", unit="tile", disable=not self.shown, position=1,
-                            leave=False, dynamic_ncols=True)
+            self.bar = bar(True, total=total, desc="VAE decode", unit="tile", disable=not self.shown,
+                           leave=False)
             self.decoding = True
         self.bar.update(done - self.bar.n)
 
@@ -525,11 +534,11 @@ def total_evals(cfgs, settings: dict, first: int) -> int:
 
 def load_pipeline(p: Plan, shown: bool, text_encoders: bool):
     s = p.settings
-    bar = tqdm(desc="loading", unit="B", unit_scale=True, unit_divisor=1024, disable=not shown, dynamic_ncols=True)
+    loading = bar(desc="loading", unit="B", unit_scale=True, unit_divisor=1024, disable=not shown)
 
     def read(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
+        loading.total = total
+        loading.update(done - loading.n)
 
     started = time.perf_counter()
     try:
@@ -537,7 +546,7 @@ def load_pipeline(p: Plan, shown: bool, text_encoders: bool):
                     vae=s["vae"], embeddings=s["embedding"] or [], controlnet=s["controlnet"] or [],
                     text_encoders=text_encoders, progress=read)
     finally:
-        bar.close()
+        loading.close()
     if shown:
         print(f"loaded {s['weights']} on {p.device} ({str(p.dtype).replace('torch.', '')}) in "
               f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
@@ -585,6 +594,8 @@ def run(argv=None) -> int:
     try:
         for job in mine:
             written = []
+            progress.write("encoding the prompt" if p.resume is not None or not p.settings["image"]
+                           else "encoding the prompt and the picture")
             for scale in pipe.iter_generate(job.prompt, seed=job.seed, callback=progress.step,
                                             decode_progress=progress.tile, resume=p.resume,
                                             view_parallel=view_parallel, record=p.record, **p.kwargs):
