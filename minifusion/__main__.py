@@ -553,7 +553,7 @@ def load_pipeline(p: Plan, shown: bool, text_encoders: bool):
         weights = Path(s["weights"])
         if weights.is_file() and metadata.cached_hash(weights) is None:
             print(f"hashing {weights.name} for the PNG metadata (once per file)", file=sys.stderr)
-    pipe.model_info()
+            pipe.model_info()
     return pipe
 
 

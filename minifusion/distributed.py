@@ -143,6 +143,13 @@ def broadcast_tensors(tensors: list[torch.Tensor] | None, dtypes: list[torch.dty
     return out
 
 
+def broadcast_object(obj, group: dist.ProcessGroup, src: int = 0):
+    """Rank src's picklable object on every rank (small things: the model's names and hashes)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
 def assign(costs: list[float], world: int) -> list[int]:
     """The rank of each UNet call: the costliest first, each to the least loaded rank (ties: the lower rank,
     the earlier call), so every rank computes the same assignment."""

@@ -323,6 +323,9 @@ class Pipeline:
                 context, pooled = distributed.broadcast_tensors(
                     self.encode_prompt(prompt, negative_prompt) if distributed.rank(group) == 0 else None,
                     [self.dtype, self.dtype], group, self.device)
+                # the files are hashed by rank 0 alone, not read again by every rank
+                self._model_info = distributed.broadcast_object(
+                    self.model_info() if distributed.rank(group) == 0 else None, group)
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
             start_from = None
             if image is not None:
