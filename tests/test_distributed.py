@@ -150,3 +150,18 @@ def test_a_bad_request_under_torchrun_is_said_once(tiny_file, tmp_path):
     # no rank raised (torchrun then prints its frames as "[rankN]: ..."); torchrun's own report of the exit
     # status follows, which is torchrun's doing
     assert "[rank" not in proc.stderr and "minifusion/__main__.py" not in proc.stderr
+
+
+def test_a_rank_that_dies_does_not_leave_the_others_waiting(tiny_file, tmp_path):
+    port = free_port()
+    script = Path(__file__).with_name("distributed_vanish.py")
+    procs = [subprocess.Popen([sys.executable, str(script), str(tiny_file), str(tmp_path / f"rank{r}.json")],
+                              env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "RANK": str(r),
+                                   "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for r in (0, 1)]
+    codes = [p.wait(timeout=240) for p in procs]
+    assert codes[1] == 3  # it died as told
+    got = json.loads((tmp_path / "rank0.json").read_text())
+    # rank 0 stops with an error well before its 20 s collective timeout would have to end the wait
+    assert got["outcome"] != "finished" and got["outcome"].split(":")[0].endswith("Error"), got
+    assert got["seconds"] < 60
