@@ -11,14 +11,15 @@ install:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,ui,canny]'
 
 test:
 	$(BIN)/python -m pytest -q
 
-# Time, memory and work per scale on the tiny random model (seconds on a CPU); results in bench/results/.
-# More: make bench BENCH="--model sdxl --components full --loading --predict-sizes 2048,3072,4096 --max-memory 8,12,24"
-BENCH ?=
+# Time, memory and work per scale on the tiny random model, 2 steps a scale, without the comparison with the
+# reference implementation (seconds on a CPU); results in bench/results/. BENCH= runs every section at 50 steps.
+# More: make bench BENCH="--model sdxl --no-generate --components full --loading --max-memory 8,24"
+BENCH ?= --steps 2 --components none --overhead-real no
 bench:
 	$(BIN)/python -m bench $(BENCH)
 

@@ -1,6 +1,7 @@
 """Time and memory per scale as a PNG, drawn with PIL (matplotlib is not a dependency)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -9,17 +10,42 @@ W, H, PAD = 1000, 480, 60
 COLOURS = {"denoise": (52, 101, 164), "decode": (237, 125, 49)}
 
 
+def ticks(largest: float, most: int = 5) -> list[float]:
+    """Gridline values 0, step, 2 step, ... up to the first at or above `largest`, with the smallest step of 1,
+    2, 2.5 or 5 times a power of ten that needs at most `most` intervals."""
+    if not largest > 0:
+        return [0.0, 1.0]
+    power = math.floor(math.log10(largest / most))
+    # 10^(power + 1) > largest / most, so the loop always returns by its fifth step
+    for step in (m * 10.0 ** e for e in (power, power + 1) for m in (1, 2, 2.5, 5)):
+        intervals = math.ceil(largest / step - 1e-9)
+        if intervals <= most:
+            return [round(k * step, 12) for k in range(intervals + 1)]
+    raise AssertionError(largest)
+
+
+def title(result: dict) -> str:
+    """What ran, with the view batch and decode tile the generation used (planned under --max-memory, or the
+    defaults), not the --view-batch asked for."""
+    s, scales = result["settings"], result["generation"]["scales"]
+    batches = "/".join(str(b) for b in dict.fromkeys(r["view_batch_size"] for r in scales))
+    tiles = "/".join("untiled" if t is None else str(t) for t in dict.fromkeys(r["decode_tile"] for r in scales))
+    return (f"minifusion bench: {s['model']} on {result['device']} ({s['dtype']}), {s['width']}x{s['height']}, "
+            f"{s['steps']} steps, view batch {batches}, decode tile {tiles}")
+
+
 def _panel(draw: ImageDraw.ImageDraw, box, title: str, unit: str, labels: list[str], series: dict[str, list[float]],
            stacked: bool, font) -> None:
     x0, y0, x1, y1 = box
     draw.text((x0, y0 - 40), title, fill="black", font=font)
-    top = 1.1 * max((sum(v) if stacked else max(v)) for v in zip(*series.values())) or 1.0
+    grid = ticks(max((sum(v) if stacked else max(v)) for v in zip(*series.values())))
+    top = grid[-1]
     draw.line((x0, y1, x1, y1), fill="black")
     draw.line((x0, y0, x0, y1), fill="black")
-    for k in range(5):  # gridlines with values
-        y = y1 - (y1 - y0) * k / 4
-        draw.line((x0 - 4, y, x1, y), fill=(220, 220, 220) if k else "black")
-        draw.text((x0 - 55, y - 6), f"{top * k / 4:.3g}", fill="black", font=font)
+    for value in grid:  # gridlines with values
+        y = y1 - (y1 - y0) * value / top
+        draw.line((x0 - 4, y, x1, y), fill=(220, 220, 220) if value else "black")
+        draw.text((x0 - 55, y - 6), f"{value:g}", fill="black", font=font)
     draw.text((x0 - 55, y0 - 22), unit, fill="black", font=font)
     slot = (x1 - x0) / len(labels)
     names = list(series)
@@ -52,9 +78,7 @@ def draw(result: dict, path: Path) -> Path:
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     font = ImageFont.load_default()
-    s = result["settings"]
-    d.text((PAD, 10), f"minifusion bench: {s['model']} on {result['device']} ({s['dtype']}), "
-                      f"{s['steps']} steps, view batch {s['view_batch']}", fill="black", font=font)
+    d.text((PAD, 10), title(result), fill="black", font=font)
     half = W // 2
     _panel(d, (PAD + 10, 80, half - 30, H - 50), "seconds per scale", "s", labels,
            {"denoise": [r["denoise_seconds"] for r in scales], "decode": [r["decode_seconds"] for r in scales]},

@@ -120,8 +120,8 @@ def predicted_vs_measured(pipe: Pipeline, result: dict, height: int, width: int)
     return rows
 
 
-def budget_check(pipe: Pipeline, result: dict, budget: int) -> dict:
-    """Did the run stay within the budget it was planned for? On CUDA: the allocator's peak reservation plus
+def max_memory_check(pipe: Pipeline, result: dict, max_memory: int) -> dict:
+    """Did the run stay within the max_memory it was planned for? On CUDA: the allocator's peak reservation plus
     the CUDA context (memory.CUDA_CONTEXT_BYTES, assumed); on a CPU: the weights plus the resident set's peak
     growth (which also holds library buffers outside the model's count, see minifusion/memory.py)."""
     phases = [r[k] for r in result["scales"] for k in ("denoise_memory", "decode_memory")]
@@ -131,7 +131,7 @@ def budget_check(pipe: Pipeline, result: dict, budget: int) -> dict:
         weights = sum(p.numel() * p.element_size() for m in (pipe.unet, pipe.vae, pipe.text_encoder_1,
                                                                 pipe.text_encoder_2) for p in m.parameters())
         used = weights + max(p["peak_rss_growth_bytes"] for p in phases)
-    return {"budget_bytes": budget, "used_bytes": used, "holds": used <= budget}
+    return {"max_memory_bytes": max_memory, "used_bytes": used, "holds": used <= max_memory}
 
 
 # ---------------------------------------------------------------------------------------------------------

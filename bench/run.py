@@ -5,7 +5,8 @@ Sections (each optional except where noted):
   overhead     share of a step outside the UNet: the last scale's step with a no-op UNet (default on)
   components   ours vs diffusers/transformers on shared weights: --components tiny|full|none (default tiny)
   loading      a full-size fp16 single file into our models, in a fresh process: --loading
-  memory       the memory model for this model: --predict-sizes 2048,3072,4096 and --max-memory 8,12,24 (GiB)
+  memory       the memory model for this model: --predict-sizes 2048,3072,4096 and --max-memory 8,12,24 (GiB;
+               the generation, when on, runs within the first)
 Writes bench/results/<stamp>-<model>-<device>.json and .png (git-ignored) and prints tables.
 """
 from __future__ import annotations
@@ -41,10 +42,7 @@ def parse_args(argv):
     ap.add_argument("--width", type=int, help="final width in px (default: 2x the base size)")
     ap.add_argument("--steps", type=int, default=50, help="denoising steps per scale (default 50)")
     ap.add_argument("--view-batch", type=int, dest="view_batch",
-                    help="views per UNet call (default 16, or what --budget allows)")
-    ap.add_argument("--budget", type=lambda t: memory.parse_size(t, unit=GiB),
-                    help="generate within this device memory (generate(max_memory=...)), e.g. 8 (GiB) or 500MiB, "
-                    "and check the measured peak against it")
+                    help="views per UNet call (default 16, or what --max-memory allows)")
     ap.add_argument("--dtype", choices=list(DTYPES),
                     help="default as the CLI: float16 on GPUs; bfloat16 on CPUs with bf16 hardware, else float32")
     ap.add_argument("--device", help="cuda, mps or cpu (default: the first available)")
@@ -66,7 +64,10 @@ def parse_args(argv):
     ap.add_argument("--loading-loras", action="store_true",
                     help="--loading: each load also with two random full-size LoRAs merged (rank 32 and 64)")
     ap.add_argument("--predict-sizes", default="", help="memory model: comma-separated square sizes in px")
-    ap.add_argument("--max-memory", default="", help="memory model: comma-separated budgets in GiB to plan for")
+    ap.add_argument("--max-memory", type=lambda text: [memory.parse_size(t, unit=GiB) for t in text.split(",")],
+                    default=[], help="device memory budgets, comma-separated, e.g. 8 (GiB), 12GiB or 500MiB, as the "
+                    "CLI's --max-memory: the memory model plans each; the generation runs within the first "
+                    "(generate(max_memory=...)) and its measured peak is checked against it")
     ap.add_argument("--predict-dtype", choices=list(DTYPES), default="float16",
                     help="dtype of the memory model's predictions (default float16, as on a GPU)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
@@ -122,7 +123,7 @@ def print_components(c: dict) -> None:
               f"{r['theirs_memory'][key] / 2**20:>15.1f} {r['max_abs_diff']:>10.2e}")
 
 
-def memory_section(cfgs, sizes: list[int], budgets: list[float], dtype: torch.dtype) -> dict:
+def memory_section(cfgs, sizes: list[int], budgets: list[int], dtype: torch.dtype) -> dict:
     out = {"dtype": str(dtype).replace("torch.", ""), "device": "cuda (predicted)",
            "assumptions": {"fragmentation": memory.FRAGMENTATION, "cuda_context_bytes": memory.CUDA_CONTEXT_BYTES},
            "activation_profile": vars(memory.activation_profile(cfgs.unet, dtype)),
@@ -143,24 +144,23 @@ def memory_section(cfgs, sizes: list[int], budgets: list[float], dtype: torch.dt
         print(f"{size}x{size} (view batch 16, tile 256): " + "; ".join(
             f"x{r['scale']} denoise {_gib(r['denoise_bytes'])} decode {_gib(r['decode_bytes'])} "
             f"(host {_gib(r['host_decode_bytes'])})" for r in rows) + f" GiB -> needs {_gib(need)} GiB")
-    print("budgets (" + ", ".join(on_gpu) + " kept on the GPU as minifusion.load does, unless only taking turns "
-          "fits):")
+    print("--max-memory plans (" + ", ".join(on_gpu) + " kept on the GPU as minifusion.load does, unless only "
+          "taking turns fits):")
     for size in sizes or [4 * base]:
         for budget in budgets:
-            entry = {"budget_gib": budget, "size": size}
+            entry = {"max_memory_bytes": budget, "size": size}
             try:
-                vb, tile, kept = memory.plan(int(budget * GiB), cfgs, size, size, dtype, resident=on_gpu,
-                                             may_offload=True)
+                vb, tile, kept = memory.plan(budget, cfgs, size, size, dtype, resident=on_gpu, may_offload=True)
                 rows = memory.predict(cfgs, size, size, dtype, vb, tile, resident=kept)
                 need = max(memory.needs(rows))
                 entry.update(view_batch_size=vb, decode_tile=tile, resident=list(kept), required_bytes=need,
-                             holds=need <= budget * GiB)
-                print(f"  {budget:g} GiB, {size}x{size}: view_batch_size {vb}, decode tile {tile}"
+                             holds=need <= budget)
+                print(f"  {_gib(budget)} GiB, {size}x{size}: view_batch_size {vb}, decode tile {tile}"
                       + ("" if kept else ", UNet and VAE take turns") + f" -> needs {_gib(need)} GiB "
                       f"({'holds' if entry['holds'] else 'EXCEEDS'})")
             except ValueError as e:
                 entry["error"] = str(e)
-                print(f"  {budget:g} GiB: {e}")
+                print(f"  {_gib(budget)} GiB: {e}")
             out["plans"].append(entry)
     return out
 
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     model = "weights" if args.weights else args.model
     result = {"settings": {"model": model, "weights": str(args.weights) if args.weights else None,
                            "height": height, "width": width, "steps": args.steps, "view_batch": args.view_batch,
-                           "budget_bytes": args.budget,
+                           "max_memory_bytes": args.max_memory,
                            "dtype": str(dtype).replace("torch.", ""), "device": str(device), "seed": args.seed,
                            "tiled_decode": args.tiled_decode, "threads": torch.get_num_threads(),
                            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
@@ -207,17 +207,25 @@ def main(argv=None) -> int:
         pipe = make_pipeline(args.model, args.weights, device, dtype)
         result["build_seconds"] = time.perf_counter() - start
         lap("build")
+    within = args.max_memory[0] if args.max_memory else None  # the generation runs within the first budget
+    if args.generate and within:
+        try:
+            pipe.plan_memory(within, height, width, untiled_decode=not args.tiled_decode)
+        except ValueError as e:
+            print(f"error: --max-memory {_gib(within)} GiB (the generation's): {e}; pass --no-generate to only "
+                  "plan", file=sys.stderr)
+            return 2
     if args.generate:
         g = generation.run(pipe, height, width, args.steps, args.view_batch, args.seed,
-                           result["peak"]["peak_tflops"], args.tiled_decode, args.budget)
+                           result["peak"]["peak_tflops"], args.tiled_decode, within)
         result["generation"] = g
         print_generation(g, device)
         result["memory_check"] = generation.predicted_vs_measured(pipe, g, height, width)
         print_check(result["memory_check"])
-        if args.budget:
-            b = result["budget_check"] = generation.budget_check(pipe, g, args.budget)
-            print(f"budget {_gib(b['budget_bytes'])} GiB: view batch {g['scales'][0]['view_batch_size']}, decode "
-                  f"tile {g['scales'][0]['decode_tile']}; used {_gib(b['used_bytes'])} GiB "
+        if within:
+            b = result["max_memory_check"] = generation.max_memory_check(pipe, g, within)
+            print(f"max memory {_gib(b['max_memory_bytes'])} GiB: view batch {g['scales'][0]['view_batch_size']}, "
+                  f"decode tile {g['scales'][0]['decode_tile']}; used {_gib(b['used_bytes'])} GiB "
                   f"({'holds' if b['holds'] else 'EXCEEDS'})")
         lap("generation")
     if args.overhead:
@@ -255,9 +263,8 @@ def main(argv=None) -> int:
         lap("loading")
 
     sizes = [int(s) for s in args.predict_sizes.split(",") if s]
-    budgets = [float(b) for b in args.max_memory.split(",") if b]
-    if sizes or budgets:
-        result["memory_model"] = memory_section(cfgs, sizes, budgets, DTYPES[args.predict_dtype])
+    if sizes or args.max_memory:
+        result["memory_model"] = memory_section(cfgs, sizes, args.max_memory, DTYPES[args.predict_dtype])
         lap("memory_model")
 
     print("\nseconds per section: " + ", ".join(f"{k} {v:.1f}" for k, v in sections.items()))

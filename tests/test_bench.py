@@ -1,17 +1,22 @@
 """`make bench` keeps working: the tiny model, 1 step, through the same entry point (`python -m bench`), in a
 subprocess, with every section that runs in seconds. Checks the JSON carries every field and the chart is a
-PNG; asserts no timings (benchmarks never gate CI), only that they were measured."""
+PNG whose title names the view batch the run used; asserts no timings (benchmarks never gate CI), only that they
+were measured."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
+
+from bench import chart
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SETTINGS = {"model", "weights", "height", "width", "steps", "view_batch", "dtype", "device", "seed", "tiled_decode",
-            "threads", "omp_wait_policy", "malloc_mmap_threshold_bytes", "argv"}
+SETTINGS = {"model", "weights", "height", "width", "steps", "view_batch", "max_memory_bytes", "dtype", "device", "seed",
+            "tiled_decode", "threads", "omp_wait_policy", "malloc_mmap_threshold_bytes", "argv"}
 MACHINE = {"platform", "python", "torch", "cpu", "cpu_count", "torch_threads", "cpu_capability", "memory_bytes",
            "load_average"}
 SCALE = {"scale", "latent_size", "image_size", "unet_evaluations", "unet_calls", "windows", "dilated_views",
@@ -29,7 +34,7 @@ def test_bench_tiny_one_step(tmp_path):
     cmd = [sys.executable, "-m", "bench", "--model", "tiny", "--steps", "1", "--height", "512", "--width", "256",
            "--device", "cpu", "--dtype", "float32",
            "--repeat", "1", "--overhead-real", "no", "--out", str(tmp_path), "--predict-sizes", "512",
-           "--max-memory", "0.0001,1", "--budget", "1"]
+           "--max-memory", "1,0.0001"]  # the generation runs within the first; the memory model plans both
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (json_path,) = tmp_path.glob("*.json")
@@ -37,6 +42,7 @@ def test_bench_tiny_one_step(tmp_path):
     r = json.loads(json_path.read_text())
 
     assert SETTINGS <= r["settings"].keys() and r["settings"]["steps"] == 1 and r["settings"]["height"] == 512
+    assert r["settings"]["max_memory_bytes"] == [1 << 30, int(0.0001 * (1 << 30))]
     assert MACHINE <= r["machine"].keys()
     assert r["device"] == "cpu" and r["dtype"] == "float32" and r["torch"]
     assert r["peak"]["peak_tflops"] > 0
@@ -52,8 +58,9 @@ def test_bench_tiny_one_step(tmp_path):
     assert g["scales"][1]["unet_evaluations"] == 2 * (3 + 4)  # 3x1 windows + 2x2 dilated views, doubled for CFG
     assert {"unet", "decode", "text_encoders", "total"} <= g["flops"].keys() and g["mfu"] > 0
 
-    assert r["budget_check"]["budget_bytes"] == 1 << 30 and r["budget_check"]["holds"]
+    assert r["max_memory_check"]["max_memory_bytes"] == 1 << 30 and r["max_memory_check"]["holds"]
     assert {s["view_batch_size"] for s in g["scales"]} == {64}  # 1 GiB leaves the tiny model every view at once
+    assert ", view batch 64, decode tile " in chart.title(r)  # what ran, not the --view-batch asked for (none)
     for row in r["memory_check"]:
         assert CHECK <= row.keys()
     overhead = {"noop_step_seconds", "real_step_seconds", "non_unet_fraction", "non_unet_ops_per_step"}
@@ -70,9 +77,26 @@ def test_bench_tiny_one_step(tmp_path):
     m = r["memory_model"]
     assert {"activation_profile", "weights_bytes", "predictions", "plans", "assumptions"} <= m.keys()
     assert m["predictions"][0]["size"] == 512 and len(m["predictions"][0]["scales"]) == 2
-    impossible, fits = m["plans"]
+    fits, impossible = m["plans"]
+    assert fits["max_memory_bytes"] == 1 << 30 and fits["holds"] and fits["view_batch_size"] >= 1
     assert "needs at least" in impossible["error"]
-    assert fits["holds"] and fits["view_batch_size"] >= 1
 
     with Image.open(png_path) as im:
         assert im.format == "PNG" and im.size[0] > 0
+
+
+def test_bench_has_one_name_for_the_memory_budget():
+    from bench.run import parse_args
+    assert parse_args(["--max-memory", "8,500MiB"]).max_memory == [8 << 30, 500 << 20]
+    with pytest.raises(SystemExit):
+        parse_args(["--budget", "8"])  # the CLI's name is --max-memory; bench has no other
+
+
+@pytest.mark.parametrize("largest", [0.0371, 0.99, 1.0, 7.01, 82.3, 1024.0, 3.2e9, 1e-7])
+def test_chart_gridlines_are_round_and_cover_the_largest_value(largest):
+    grid = chart.ticks(largest)
+    step = grid[1]
+    mantissa = step / 10 ** math.floor(math.log10(step))
+    assert any(math.isclose(mantissa, m) for m in (1, 2, 2.5, 5)), grid
+    assert grid[0] == 0 and all(math.isclose(b - a, step) for a, b in zip(grid, grid[1:]))
+    assert grid[-2] < largest <= grid[-1] and len(grid) <= 6
