@@ -39,7 +39,7 @@ from .pipeline import DEFAULT_WEIGHTS, NonFiniteError, check_request, default_de
 from .safetensors_check import NotSafetensors
 from .schedulers import SCHEDULERS
 from .tokenizer import Tokenizer
-from .vae_file import inspect_vae
+from .vae_file import inspect_vae, vae_dtype_for
 from .views import is_out_of_memory
 
 log = logging.getLogger("minifusion")
@@ -359,11 +359,16 @@ def plan(args, device: torch.device | None = None) -> Plan:
     if drawn:
         lines.append(f"seed {seed} (drawn at random; --seed {seed} makes " + ("this image" if len(jobs) == 1 else
                      "these images") + " again)")
+    extra = {"controlnets": nets, "vae_dtype": vae_dtype_for(dtype, inspect_vae(settings["vae"]).fp16_safe)
+             if settings["vae"] else None}  # what the memory model counts beyond the checkpoint
+    if not memory.measured(cfgs, dtype) and distributed.rank() == 0:
+        print("measuring the memory model of this configuration on the meta device (once per machine, seconds)",
+              file=sys.stderr)
     if not args.force:
-        check_fits(cfgs, settings, device, dtype, nets)
+        check_fits(cfgs, settings, device, dtype, extra)
     if settings["max_memory"] is not None:
-        lines.append(plan_memory(cfgs, settings, device, dtype, nets))
-    lines.append(describe(cfgs, settings, first, device, dtype, len(jobs), nets))
+        lines.append(plan_memory(cfgs, settings, device, dtype, extra))
+    lines.append(describe(cfgs, settings, first, device, dtype, len(jobs), extra))
     if out is None:
         OUTPUTS.mkdir(exist_ok=True)
     record = {k: settings[k] for k in ("control_image", "canny") if settings.get(k) is not None}
@@ -409,14 +414,14 @@ def control(settings: dict, kwargs: dict, cfgs) -> tuple:
 
 
 def describe(cfgs, settings: dict, first: int, device: torch.device, dtype: torch.dtype, images: int,
-             nets: tuple = ()) -> str:
+             extra: dict) -> str:
     """One line: the scales and their sizes, the UNet evaluations and the predicted peak memory."""
     h, w = settings["height"], settings["width"]
     base = cfgs.unet.sample_size * 8
     sizes = [(8 * a, 8 * b) for a, b in scale_sizes(h, w, base)]
     est = memory.estimate(cfgs, h, w, settings["steps"], view_batch_size=settings["view_batch"] or 16, dtype=dtype,
                           decode_tile=256 if settings["tiled_decode"] else None, stride=settings["stride"],
-                          resident=resident(device), controlnets=nets)
+                          resident=resident(device), **extra)
     evals = total_evals(cfgs, settings, first)
     peak = max(memory.needs(est["scales"], device.type))
     scales = " -> ".join(f"{b}x{a}" for a, b in sizes[first - 1:])
@@ -433,7 +438,7 @@ def device_memory(device: torch.device) -> int | None:
     return None
 
 
-def check_fits(cfgs, settings: dict, device: torch.device, dtype: torch.dtype, nets: tuple = ()) -> None:
+def check_fits(cfgs, settings: dict, device: torch.device, dtype: torch.dtype, extra: dict) -> None:
     """Refuse a request that cannot fit the device even with one view per UNet call and the smallest decode
     tile (out-of-memory recovery stops there), saying what it would cost."""
     have = device_memory(device)
@@ -441,7 +446,7 @@ def check_fits(cfgs, settings: dict, device: torch.device, dtype: torch.dtype, n
         return
     est = memory.estimate(cfgs, settings["height"], settings["width"], settings["steps"], view_batch_size=1,
                           dtype=dtype, decode_tile=memory.DECODE_TILES[-1], stride=settings["stride"],
-                          resident=resident(device), controlnets=nets)
+                          resident=resident(device), **extra)
     need = max(memory.needs(est["scales"], device.type))
     if need > have:
         raise UserError(f"{settings['width']}x{settings['height']} needs about {need / 2**30:.1f} GiB even with "
@@ -450,7 +455,7 @@ def check_fits(cfgs, settings: dict, device: torch.device, dtype: torch.dtype, n
                         "size, or pass --force to try anyway")
 
 
-def plan_memory(cfgs, settings: dict, device: torch.device, dtype: torch.dtype, nets: tuple = ()) -> str:
+def plan_memory(cfgs, settings: dict, device: torch.device, dtype: torch.dtype, extra: dict) -> str:
     """Refuse a --max-memory nothing fits in, before loading; say what it chose."""
     budget = settings["max_memory"]
     have = device_memory(device)
@@ -461,7 +466,7 @@ def plan_memory(cfgs, settings: dict, device: torch.device, dtype: torch.dtype, 
     try:
         vb, tile, kept = memory.plan(budget, cfgs, settings["height"], settings["width"], dtype, device.type,
                                      settings["stride"], resident(device), may_offload=device.type != "cpu",
-                                     decode_tiles=tiles, controlnets=nets)
+                                     decode_tiles=tiles, **extra)
     except ValueError as e:
         raise UserError(f"--max-memory: {e}; raise it or choose a smaller --height/--width") from None
     if settings["view_batch"] is not None:

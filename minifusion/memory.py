@@ -388,10 +388,11 @@ def _controlled_profile_of_config(cfg: UNetConfig, controlnets: tuple, dtype: to
 # ---------------------------------------------------------------------------------------------------------
 # Weights and text encoders
 
-def component_dtypes(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    # minifusion.load runs the VAE in fp32 when the rest is fp16 (SDXL's VAE overflows in fp16)
-    return {"unet": dtype, "vae": torch.float32 if dtype == torch.float16 else dtype,
-            "text_encoder_1": dtype, "text_encoder_2": dtype}
+def component_dtypes(dtype: torch.dtype, vae_dtype: torch.dtype | None = None) -> dict[str, torch.dtype]:
+    """What minifusion.load runs each network in: the VAE in fp32 when the rest is fp16 (SDXL's VAE overflows in
+    fp16), unless `vae_dtype` says otherwise (the fp16-fix VAE, vae_file.vae_dtype_for)."""
+    vae = vae_dtype or (torch.float32 if dtype == torch.float16 else dtype)
+    return {"unet": dtype, "vae": vae, "text_encoder_1": dtype, "text_encoder_2": dtype}
 
 
 @_Measured
@@ -399,8 +400,8 @@ def _parameter_counts(cfgs: Configs) -> dict[str, int]:
     return {c: sum(p.numel() for p in m.parameters()) for c, m in meta_models(cfgs).items()}
 
 
-def weights_bytes(cfgs: Configs, dtype: torch.dtype) -> dict[str, int]:
-    dtypes = component_dtypes(dtype)
+def weights_bytes(cfgs: Configs, dtype: torch.dtype, vae_dtype: torch.dtype | None = None) -> dict[str, int]:
+    dtypes = component_dtypes(dtype, vae_dtype)
     return {c: n * dtypes[c].itemsize for c, n in _parameter_counts(cfgs).items()}
 
 
@@ -720,13 +721,13 @@ def decode_bytes(cfg: VAEConfig, h: int, w: int, dtype: torch.dtype, tile: int |
 
 def predict(cfgs: Configs, height: int, width: int, dtype: torch.dtype = torch.float16, view_batch_size: int = 16,
             decode_tile: int | None = 256, stride: int | None = None, resident: Collection[str] = COMPONENTS,
-            controlnets: tuple[ControlNetConfig, ...] = ()) -> list[dict]:
+            controlnets: tuple[ControlNetConfig, ...] = (), vae_dtype: torch.dtype | None = None) -> list[dict]:
     """Predicted peak live tensor bytes on the compute device per scale (base scale first), denoising and decoding
     apart: what torch.cuda.max_memory_allocated reports for each. `resident`: the networks that stay on the device
     throughout (default all four; () when each visits the device only while it runs). `controlnets`: every UNet
-    call steered by these, whose weights go where the UNet's go."""
+    call steered by these, whose weights go where the UNet's go. `vae_dtype`: as component_dtypes."""
     stride = stride or cfgs.unet.sample_size // 2
-    wb = weights_bytes(cfgs, dtype)
+    wb = weights_bytes(cfgs, dtype, vae_dtype)
     control = controlnet_weights_bytes(controlnets, dtype)
     kept = sum(wb[c] for c in set(resident)) + (control if "unet" in resident else 0)
     text = ("text_encoder_1", "text_encoder_2")
@@ -742,7 +743,7 @@ def predict(cfgs: Configs, height: int, width: int, dtype: torch.dtype = torch.f
         calls = _sampler_bytes(cfgs.unet, dtype, sizes, s, stride, view_batch_size)
         denoise = during_denoise + condition_bytes(controlnets, h, w) + max(
             live + profile.bytes(n, ch, cw) for live, n, ch, cw in calls)
-        dec = decode_bytes(cfgs.vae, h, w, component_dtypes(dtype)["vae"], decode_tile)
+        dec = decode_bytes(cfgs.vae, h, w, component_dtypes(dtype, vae_dtype)["vae"], decode_tile)
         out.append({"scale": s, "latent_size": (h, w), "image_size": (upscale * h, upscale * w),
                     "max_unet_batch": max(n for _, n, _, _ in calls),
                     "denoise_bytes": denoise, "decode_bytes": during_decode + dec["device"],
@@ -778,18 +779,19 @@ class MemoryPlan(NamedTuple):
 def plan(max_memory_bytes: int, cfgs: Configs, height: int, width: int, dtype: torch.dtype = torch.float16,
          device_type: str = "cuda", stride: int | None = None, resident: Collection[str] = COMPONENTS,
          may_offload: bool = False, view_batch_sizes=VIEW_BATCHES, decode_tiles=DECODE_TILES,
-         controlnets: tuple[ControlNetConfig, ...] = ()) -> MemoryPlan:
+         controlnets: tuple[ControlNetConfig, ...] = (), vae_dtype: torch.dtype | None = None) -> MemoryPlan:
     """The largest view_batch_size and decode tile whose predicted need (`needs`) stays within max_memory_bytes,
     each chosen on its own as denoising and decoding never overlap (a tile of None, an untiled decode, counts
     as larger than any). With `resident` kept on the device; if nothing fits that way and `may_offload`, with
     each network on the device only while it runs (the UNet's weights leave for the decode). ValueError, naming
-    the least memory that would do, when even the smallest view batch and tile do not fit. `controlnets`: as
-    `predict`."""
+    the least memory that would do, when even the smallest view batch and tile do not fit. `controlnets` and
+    `vae_dtype`: as `predict`."""
     vbs = sorted(set(view_batch_sizes), reverse=True)
     tiles = sorted(set(decode_tiles), key=lambda t: -math.inf if t is None else -t)
     for kept in (tuple(resident), ()) if may_offload and resident else (tuple(resident),):
         def need(vb, tile):
-            return needs(predict(cfgs, height, width, dtype, vb, tile, stride, kept, controlnets), device_type)
+            return needs(predict(cfgs, height, width, dtype, vb, tile, stride, kept, controlnets, vae_dtype),
+                         device_type)
 
         least = max(need(vbs[-1], tiles[-1]))
         if least <= max_memory_bytes:
@@ -901,13 +903,13 @@ def unet_views(cfg: UNetConfig, height: int, width: int, stride: int | None = No
 def estimate(cfgs: Configs, height: int, width: int, steps: int = 50, view_batch_size: int = 16,
              dtype: torch.dtype = torch.float16, decode_tile: int | None = 256, stride: int | None = None,
              seconds_per_unet_eval: float | None = None, resident: Collection[str] = COMPONENTS,
-             controlnets: tuple[ControlNetConfig, ...] = ()) -> dict:
+             controlnets: tuple[ControlNetConfig, ...] = (), vae_dtype: torch.dtype | None = None) -> dict:
     """The cost of a request before running it: peak bytes (max over scales), UNet evaluations, FLOPs (UNet
     plus one decode per scale) and, given a measured seconds per UNet evaluation at the native window size,
     seconds of the UNet evaluations (bench/ measures what the rest of a step adds). `scales`: predict's rows,
     each with its own unet_evals and flops. `controlnets`: their memory as `predict` counts it (their FLOPs
-    are not counted)."""
-    rows = predict(cfgs, height, width, dtype, view_batch_size, decode_tile, stride, resident, controlnets)
+    are not counted); `vae_dtype`: as `predict`."""
+    rows = predict(cfgs, height, width, dtype, view_batch_size, decode_tile, stride, resident, controlnets, vae_dtype)
     decode = _decode_flop_fit(cfgs.vae)
     for row, views in zip(rows, unet_views(cfgs.unet, height, width, stride)):
         h, w = row["latent_size"]

@@ -449,7 +449,7 @@ class Pipeline:
         tiles = ((None,) if untiled_decode else ()) + memory.DECODE_TILES
         return memory.plan(memory.parse_size(max_memory), self.configs, height, width, self.dtype, self.device.type,
                            stride, self.resident, may_offload=self.host != self.device, decode_tiles=tiles,
-                           controlnets=tuple(net.control for net in self.controlnets))
+                           controlnets=tuple(net.control for net in self.controlnets), vae_dtype=self.vae_dtype)
 
     def _place(self, running: str | None, kept: Collection[str]) -> None:
         """Before `running` ("unet", "vae", or None while the text encoders run): of the UNet and the VAE, those

@@ -390,3 +390,12 @@ def test_a_measured_configuration_decides_any_size_at_once():
     windows = memory.unet_views(TINY.unet, 12288, 16384)[-1][0]
     assert windows == (32, 32, 95 * 127)
     assert chosen.view_batch_size in memory.VIEW_BATCHES
+
+
+def test_an_fp16_vae_is_counted_in_fp16():
+    # the fp16-fix VAE (vae_file) runs in float16 beside a float16 UNet: its weights and decode count half
+    stock = memory.predict(TINY, 512, 512, torch.float16)
+    fixed = memory.predict(TINY, 512, 512, torch.float16, vae_dtype=torch.float16)
+    vae_params = sum(p.numel() for p in VAE(TINY.vae).parameters())
+    assert [r["denoise_bytes"] for r in stock] == [r["denoise_bytes"] + 2 * vae_params for r in fixed]
+    assert all(f["decode_bytes"] < s["decode_bytes"] for f, s in zip(fixed, stock))
