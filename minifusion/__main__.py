@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import re
 import secrets
@@ -29,11 +28,11 @@ from . import distributed, memory, metadata
 from .checkpoint import CheckpointError, inspect_checkpoint
 from .controlnet import canny, phase1_condition_size
 from .controlnet_file import inspect_controlnet
-from .embeddings import load_embeddings
-from .lora import open_loras, parse_spec
 from .demofusion import scale_sizes
+from .embeddings import load_embeddings
 from .encode import ImageError, base_scale_size, open_image
-from .files import LatentFileError, SavedScale, atomic_write, latent_path, load_latents, save_latents
+from .files import LatentFileError, SavedScale, latent_path, load_latents, save_latents
+from .lora import open_loras, parse_spec
 from .metadata import CLI_SETTINGS, MODEL_SETTINGS, SETTINGS, NoSettings, save_png
 from .pipeline import DEFAULT_WEIGHTS, NonFiniteError, check_request, default_device, default_dtype, load, resident
 from .safetensors_check import NotSafetensors

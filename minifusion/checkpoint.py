@@ -359,6 +359,31 @@ def _diffusers_files(folder: Path, sub: str, stem: str) -> list[Path]:
     raise CheckpointError(f"{d}: no {stem}.safetensors (or .fp16 / sharded variant); download the {sub}/ folder")
 
 
+def find_part(path: Path, sub: str, what: str, need: str) -> tuple[str, Path]:
+    """('single', file) or ('folder', a diffusers folder of one network: `path` itself, or its `sub`/ where path
+    is a pipeline folder), for a network given beside the checkpoint (a VAE, a ControlNet)."""
+    if path.is_file():
+        return "single", _resolve_single(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: neither a file nor a folder (a device, pipe or socket)")
+    folder = path / sub if (path / sub).is_dir() else path
+    if (folder / "config.json").is_file():
+        return "folder", folder
+    files = sorted(f for f in folder.glob("*.safetensors") if f.is_file())
+    if len(files) == 1:
+        return "single", files[0]
+    if len(files) > 1:
+        names = ", ".join(f.name for f in files[:4])
+        raise CheckpointError(f"{folder}: several .safetensors files ({names}) and no config.json; pass the one to use")
+    pickled = sorted(p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickled:
+        _resolve_single(pickled[0])
+    raise CheckpointError(f"{folder}: no {what} here (neither config.json with diffusion_pytorch_model.safetensors "
+                          f"nor a .safetensors file); {need}")
+
+
 def find_checkpoint(path: Path) -> tuple[str, Path]:
     """('single', file) or ('diffusers', folder)."""
     try:

@@ -24,9 +24,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (COUNT_LIMITS, LEVEL_LIMIT, PICKLE_SUFFIXES, WIDTH_LIMIT, TensorSource, _count,
-                         _diffusers_files, _first_line, _materialise, _read_json, _report, _resolve_single, _shapes,
-                         check, identify_family)
+from .checkpoint import (COUNT_LIMITS, LEVEL_LIMIT, WIDTH_LIMIT, TensorSource, _count, _diffusers_files,
+                         _first_line, _materialise, _read_json, _report, _shapes, check, find_part, identify_family)
 from .config import UNetConfig
 from .models.controlnet import ControlNet, ControlNetConfig, diffusers_keys
 from .safetensors_check import CheckpointError, show
@@ -80,7 +79,7 @@ def inspect_controlnet(path: str | Path, unet_cfg: UNetConfig) -> ControlNetFile
     """What `load_controlnet` will load from path for a UNet of unet_cfg, or CheckpointError naming the file."""
     path = Path(path)
     try:
-        kind, where = _find(path)
+        kind, where = find_part(path, "controlnet", "ControlNet", NEED)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
     if kind == "folder":
@@ -113,30 +112,6 @@ def load_controlnet(info: ControlNetFile, device: torch.device, dtype: torch.dty
 
 
 # ---------------------------------------------------------------------------------------------------------
-
-def _find(path: Path) -> tuple[str, Path]:
-    """('single', file) or ('folder', diffusers ControlNet folder)."""
-    if path.is_file():
-        return "single", _resolve_single(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: neither a file nor a folder (a device, pipe or socket)")
-    folder = path / "controlnet" if (path / "controlnet").is_dir() else path
-    if (folder / "config.json").is_file():
-        return "folder", folder
-    files = sorted(f for f in folder.glob("*.safetensors") if f.is_file())
-    if len(files) == 1:
-        return "single", files[0]
-    if len(files) > 1:
-        names = ", ".join(f.name for f in files[:4])
-        raise CheckpointError(f"{folder}: several .safetensors files ({names}) and no config.json; pass the one to use")
-    pickled = sorted(p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-    if pickled:
-        _resolve_single(pickled[0])
-    raise CheckpointError(f"{folder}: no ControlNet here (neither config.json with {STEM}.safetensors nor a "
-                          f".safetensors file); {NEED}")
-
 
 def _other_family(keys) -> str | None:
     for name, pattern in OTHER_FAMILIES:

@@ -29,9 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (PICKLE_SUFFIXES, Configs, TensorSource, _check_plausible, _count, _diffusers_files,
-                         _first_line, _materialise, _read_json, _report, _resolve_single, _shapes, check,
-                         identify_family, vae_config)
+from .checkpoint import (Configs, TensorSource, _check_plausible, _count, _diffusers_files, _first_line,
+                         _materialise, _read_json, _report, _shapes, check, find_part, identify_family, vae_config)
 from .config import SDXL_CLIP_G, SDXL_CLIP_L, SDXL_UNET, SDXL_VAE, VAEConfig
 from .models import vae
 from .safetensors_check import CheckpointError, show
@@ -79,7 +78,7 @@ def inspect_vae(path: str | Path) -> VAEFile:
     """What `load_vae` will load from path, or CheckpointError naming the file and what to do."""
     path = Path(path)
     try:
-        kind, where = _find(path)
+        kind, where = find_part(path, "vae", "VAE", NEED_VAE)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
     if kind == "single" and where.name.startswith(STEM) and (where.parent / "config.json").is_file():
@@ -117,30 +116,6 @@ def swap_in(info: VAEFile, cfgs: Configs, device: torch.device, dtype: torch.dty
 
 
 # ---------------------------------------------------------------------------------------------------------
-
-def _find(path: Path) -> tuple[str, Path]:
-    """('single', file) or ('folder', diffusers VAE folder)."""
-    if path.is_file():
-        return "single", _resolve_single(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: neither a file nor a folder (a device, pipe or socket)")
-    folder = path / "vae" if (path / "vae").is_dir() else path
-    if (folder / "config.json").is_file():
-        return "folder", folder
-    files = sorted(f for f in folder.glob("*.safetensors") if f.is_file())
-    if len(files) == 1:
-        return "single", files[0]
-    if len(files) > 1:
-        names = ", ".join(f.name for f in files[:4])
-        raise CheckpointError(f"{folder}: several .safetensors files ({names}) and no config.json; pass the one to use")
-    pickled = sorted(p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-    if pickled:
-        _resolve_single(pickled[0])
-    raise CheckpointError(f"{folder}: no VAE here (neither config.json with {STEM}.safetensors nor a .safetensors "
-                          f"file); {NEED_VAE}")
-
 
 def _inspect_folder(folder: Path, files: list[Path] | None = None) -> VAEFile:
     f = folder / "config.json"

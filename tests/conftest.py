@@ -15,3 +15,13 @@ def tiny_file(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_file):
     return load(tiny_file, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: its tensors are tiny (thread start-up, not arithmetic, would dominate on a
+    busy 2-core machine), and each rank of the distributed tests runs so (the same kernels, so the same bits)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

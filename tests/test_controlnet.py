@@ -27,6 +27,7 @@ from minifusion.models.controlnet import ControlNet, ControlNetConfig, diffusers
 from minifusion.models.unet import UNet
 from minifusion.tiny import randomize
 from minifusion.views import Cond, Dilated, ViewRunner, Whole, Window
+from helpers import SDXL_BASE
 
 POOLED, CTX = 40, 64
 # SDXL's structure at toy width (as tests/test_unet.py): no attention on level 1, 64-wide heads
@@ -38,13 +39,7 @@ TINY_CN = ControlNetConfig(UNetConfig(**{**TINY_UNET.__dict__, "transformer_dept
                            hint_channels=(8, 16, 24, 40))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors: thread start-up, not arithmetic, would dominate on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: thread start-up would dominate
 
 
 def diffusers_kwargs(config: dict) -> dict:
@@ -170,17 +165,6 @@ def test_global_pool_and_bgr_as_diffusers():
         down, mid = ours(x, t, ctx, pooled, ids, cond, scale=0.5, guess_mode=True)
     assert mid.shape == (2, 128, 1, 1)
     assert max(rel_err(a, b) for a, b in zip([*down, mid], [*ref_down, ref_mid])) <= 1e-5
-
-
-SDXL_BASE = dict(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=[320, 640, 1280], attention_head_dim=[5, 10, 20], transformer_layers_per_block=[1, 2, 10],
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
-    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, flip_sin_to_cos=True, freq_shift=0,
-    norm_num_groups=32, norm_eps=1e-5, act_fn="silu", upcast_attention=False,
-)
 
 
 def test_full_size_matches_diffusers_from_unet():

@@ -19,13 +19,7 @@ SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", b
 CTX, POOLED = 8, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # these tensors are tiny: thread start-up, not arithmetic, would dominate (25x slower on a busy 2-core box)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: thread start-up would dominate
 
 
 class FakeUNet:

@@ -36,14 +36,6 @@ def torchrun(n: int, *args, timeout: float = 300) -> subprocess.CompletedProcess
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each rank runs: the same kernels, so the same bits
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
 def alone(tiny_pipe, one_thread):
     """What one process computes for every case of distributed_cases.py."""
     out = {name: tiny_pipe.generate(**kw) for name, kw in cases.CASES.items()}

@@ -484,7 +484,7 @@ def test_errors_are_one_line_naming_the_file(tiny, tmp_path):
     bogus = {f"lora_unet_nowhere_{i}": (8, 8) for i in range(7)}
     path = tmp_path / "unmatched.safetensors"
     save_file(ok | kohya_tensors(bogus, torch.Generator().manual_seed(1)), str(path))
-    msg = fails(tiny, path, r"7 matching no SDXL layer: lora_unet_nowhere_\d, .*\(2 more\)")
+    fails(tiny, path, r"7 matching no SDXL layer: lora_unet_nowhere_\d, .*\(2 more\)")
 
     path = tmp_path / "allmiss.safetensors"
     save_file(kohya_tensors(bogus, torch.Generator().manual_seed(1)), str(path))

@@ -10,20 +10,12 @@ from minifusion.config import SDXL_UNET, UNetConfig
 from minifusion.keyops import convert_state_dict
 from minifusion.models.unet import UNet, diffusers_keys
 from minifusion.tiny import randomize
+from helpers import SDXL_BASE
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS_FILE = next((p for p in (ROOT.parent / "shared" / "sdxl" / "sd_xl_base_1.0.keys.txt",
                               ROOT / "shared" / "sdxl" / "sd_xl_base_1.0.keys.txt") if p.exists()), None)
 
-SDXL_BASE = dict(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=[320, 640, 1280], attention_head_dim=[5, 10, 20], transformer_layers_per_block=[1, 2, 10],
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
-    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, flip_sin_to_cos=True, freq_shift=0,
-    norm_num_groups=32, norm_eps=1e-5, act_fn="silu", upcast_attention=False,
-)
 
 POOLED, CTX = 40, 64
 TINY = dict(  # SDXL's structure at toy width: 64-wide heads, deeper transformers on levels 2-3

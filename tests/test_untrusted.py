@@ -162,7 +162,6 @@ def named_corruptions(blob: bytes) -> dict:
     nan[b0:b0 + 4] = bytes.fromhex("0000c07f")  # float32 NaN
     f32 = next(k for k in by_offset(header) if header[k]["dtype"] == "F32" and k.endswith(".weight"))
     evil = pickle.dumps({"weights": Evil()}, protocol=2)
-    corrupt = "truncated or corrupt"
     return {
         "empty file": (b"", "the file is empty"),
         "4 bytes": (blob[:4], "less than a header"),
