@@ -7,6 +7,8 @@ Sections (each optional except where noted):
   loading      a full-size fp16 single file into our models, in a fresh process: --loading
   memory       the memory model for this model: --predict-sizes 2048,3072,4096 and --max-memory 8,12,24 (GiB;
                the generation, when on, runs within the first)
+  distributed  --ranks 1,2: instead of the above, one image view-parallel over each rank count, measured, and the
+               speed-up predicted for 2/4/8 GPUs (bench/distributed.py)
 Writes bench/results/<stamp>-<model>-<device>.json and .png (git-ignored) and prints tables.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ from minifusion import memory
 from minifusion.checkpoint import inspect_checkpoint
 from minifusion.pipeline import default_device, default_dtype, resident
 
-from . import chart, components, generation, loading
+from . import chart, components, distributed, generation, loading
 from .measure import fix_mmap_threshold, machine, peak_tflops
 from .models import CONFIGS, make_pipeline
 
@@ -71,6 +73,7 @@ def parse_args(argv):
     ap.add_argument("--predict-dtype", choices=list(DTYPES), default="float16",
                     help="dtype of the memory model's predictions (default float16, as on a GPU)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
+    distributed.add_arguments(ap)
     return ap.parse_args(argv)
 
 
@@ -167,6 +170,8 @@ def memory_section(cfgs, sizes: list[int], budgets: list[int], dtype: torch.dtyp
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.ranks:  # the distributed mode: its own runs, tables and JSON
+        return distributed.run(args)
     mmap_threshold = fix_mmap_threshold()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -100,3 +100,65 @@ def test_chart_gridlines_are_round_and_cover_the_largest_value(largest):
     assert any(math.isclose(mantissa, m) for m in (1, 2, 2.5, 5)), grid
     assert grid[0] == 0 and all(math.isclose(b - a, step) for a, b in zip(grid, grid[1:]))
     assert grid[-2] < largest <= grid[-1] and len(grid) <= 6
+
+
+# the distributed mode (bench/distributed.py): JSON fields, not timings
+RANK_SCALE = {"scale", "latent_size", "steps", "view_batch_size", "decode_tile", "views_per_step", "unet_evaluations",
+              "unet_calls", "denoise_seconds", "step_seconds", "seconds_per_step", "decode_seconds", "seconds", "unet",
+              "collective", "decode_collective", "latents_checksum", "image_checksum"}
+ROW = {"ranks", "seconds", "seconds_per_scale", "denoise_seconds", "seconds_per_step", "decode_seconds",
+       "collective_share", "collective_share_per_scale", "collective_seconds_per_step", "bytes_received_per_step",
+       "decode_collective_seconds", "unet_seconds_per_rank", "checksums", "outputs_equal", "machine", "speedup",
+       "denoise_speedup", "decode_speedup", "same_as_one_rank"}
+
+
+def test_bench_distributed_mode_tiny(tmp_path):
+    cmd = [sys.executable, "-m", "bench", "--ranks", "1,2", "--steps", "1", "--height", "512", "--width", "512",
+           "--device", "cpu", "--dtype", "float32", "--warmup-steps", "0", "--predict-gpus", "", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (json_path,) = tmp_path.glob("*-distributed-tiny-cpu.json")
+    r = json.loads(json_path.read_text())
+    assert r["mode"] == "distributed" and r["settings"]["ranks"] == [1, 2] and r["settings"]["threads_per_rank"] == 1
+    assert MACHINE <= r["machine"].keys()
+    one, two = r["runs"]
+    assert (one["ranks"], one["backend"], len(one["per_rank"])) == (1, None, 1)
+    assert (two["ranks"], two["backend"], len(two["per_rank"])) == (2, "gloo", 2)
+    for run in r["runs"]:
+        assert run["outputs_equal"]  # every rank got the same latents and pixels
+        for rank in run["per_rank"]:
+            assert [s["scale"] for s in rank["scales"]] == [1, 2]
+            for s in rank["scales"]:
+                assert RANK_SCALE <= s.keys(), RANK_SCALE - s.keys()
+                assert s["denoise_seconds"] > 0 and s["decode_seconds"] > 0 and len(s["step_seconds"]) == 1
+    # the 2 ranks share each step's UNet calls: together they made the calls one process made, once
+    calls = [sum(rank["scales"][1]["unet"]["calls"] for rank in run["per_rank"]) for run in r["runs"]]
+    assert calls[0] == calls[1] > 0 and min(rank["scales"][1]["unet"]["calls"] for rank in two["per_rank"]) > 0
+    assert two["per_rank"][0]["scales"][1]["collective"]["calls"] == 1  # one all_gather per step
+    assert two["per_rank"][0]["scales"][1]["collective"]["bytes_received"] > 0
+    rows = r["table"]
+    assert [row["ranks"] for row in rows] == [1, 2]
+    for row in rows:
+        assert ROW <= row.keys(), ROW - row.keys()
+    assert rows[1]["same_as_one_rank"]  # fp32, one thread a rank: bit for bit what one process makes
+    assert "work_count_bound" in rows[1]
+    assert r["target"]["ranks"] == 2 and r["target"]["speedup"] == 1.7 and "met" in r["target"]
+    assert "target: 2 ranks >= 1.7x of 1 rank" in proc.stdout
+
+
+def test_distributed_prediction_counts_the_work():
+    from bench.distributed import decode_share, decode_stages, predict, step_calls
+    from minifusion.tiny import TINY
+    # the tiny model at 1024^2 has SDXL's geometry at 4096^2 in latents / 4: 1, 13, 34, 65 views a step
+    calls = step_calls(TINY.unet, 1024, 1024, 16)
+    assert [sum(n for n, _, _ in c) for c in calls] == [1, 13, 34, 65]
+    assert [n for n, _, _ in calls[3]] == [16, 16, 16, 1, 16]  # 49 windows, then 16 dilated views
+    p = predict(TINY, 1024, 1024, [2, 4], 16)
+    two = p["worlds"][2]["scales"]
+    assert two[0]["busiest_rank_unet_share"] == 1  # phase 1's one view: one rank works, the other waits
+    assert math.isclose(two[3]["busiest_rank_unet_share"], 33 / 65)  # 16 + 16 + 1 against 16 + 16
+    for world, w in p["worlds"].items():
+        assert 1 < w["speedup"] < world and all(s["gather_bytes_per_step"] > 0 for s in w["scales"][1:])
+    stages = decode_stages(TINY.vae, 64, 64)  # a 512 px image: its last stages have 2 tile rows of 256
+    total, busiest = decode_share(stages, 1, 256)
+    assert total == busiest > 0 and decode_share(stages, 2, 256)[1] < total
