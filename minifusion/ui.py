@@ -1,0 +1,668 @@
+"""python -m minifusion.ui [--weights W] [--host 127.0.0.1] [--port 7860] [--outputs outputs/]
+
+A web UI (Gradio, the optional extra minifusion[ui]) to keep open all day. The model loads once, at start.
+Requests queue: one generation on the device at a time, the queue position shown. Each scale's image appears
+as soon as it is decoded, with a progress bar per scale and an ETA for the whole run; "cancel" stops after the
+current step and keeps the finished scales; "continue to a larger size" resumes from the last finished scale
+(the CLI's --resume). Everything is written under the output folder: each scale's PNG with the CLI's metadata
+(`minifusion --settings-from` reads it) and its latents, numbered as the CLI numbers them (00001-<seed>.png,
+00001-<seed>.x1.png, ...), the pictures dropped in for image-to-image, and Gradio's own cache (.gradio/); only
+the cache of the weights' hashes stays where the CLI keeps it (~/.cache/minifusion). The same generation is the
+API endpoint /generate:
+
+    from gradio_client import Client
+    pngs, info = Client("http://127.0.0.1:7860/").predict("a lighthouse", width=2048, height=2048,
+                                                          api_name="/generate")
+"""
+import argparse
+import html
+import ipaddress
+import logging
+import os
+import queue
+import secrets
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from . import __main__ as cli
+from . import memory, metadata
+from .checkpoint import CheckpointError
+from .demofusion import scale_sizes
+from .encode import base_scale_size, open_image
+from .files import LatentFileError, SavedScale, latent_path, load_latents, save_latents
+from .pipeline import DEFAULT_WEIGHTS, NonFiniteError, Pipeline, Scale, check_request, default_dtype, load
+from .schedulers import SCHEDULERS
+from .tiny import TINY
+from .views import is_out_of_memory
+
+log = logging.getLogger("minifusion")
+# the first word of check_request's messages -> the page's setting it is about ("size": width and height)
+MESSAGE_FIELDS = {"height": "height", "width": "width", "size": "size", "num_inference_steps": "steps",
+                  "guidance_scale": "guidance", "view_batch_size": "view_batch", "stride": "stride",
+                  "cosine_scale_1": "c1", "cosine_scale_2": "c2", "cosine_scale_3": "c3", "sigma": "sigma",
+                  "scheduler": "scheduler"}
+SIZE = ("width", "height")
+TINY_NOTICE = ("**The tiny random model is loaded: its images are noise**, by construction, not a bug. They show "
+               "that the whole pipeline runs, not what SDXL draws; start with `--weights` pointing at SDXL for "
+               "pictures.")
+
+
+class RequestError(ValueError):
+    """A request the page refuses before queueing it; `field` names the setting to fix."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class Cancelled(Exception):
+    """Raised from the step callback once cancel is pressed: the run stops after the step in progress."""
+
+
+@dataclass(frozen=True)
+class Step:
+    scale: int
+    step: int
+    steps: int
+    evals: int  # UNet evaluations so far in this scale
+
+
+@dataclass(frozen=True)
+class Finished:
+    scale: int
+    png: Path
+    latents: Path
+    size: tuple[int, int]  # (width, height) px
+    seconds: float | None  # None: the scale is the input picture, not computed
+    settings: dict  # as its PNG records them
+
+
+def size_presets(base: int) -> dict[str, tuple[int, int]]:
+    """Final sizes (width, height) for a model native at `base` px: squares of 2, 3 and 4 scales, and 2-scale
+    landscape and portrait sizes at the usual aspect ratios, the short side rounded down to a multiple of 8."""
+    presets = {}
+    for s in (2, 3, 4):
+        presets[f"{s * base} × {s * base} (1:1, {s} scales)"] = (s * base, s * base)
+    for a, b in ((4, 3), (3, 2), (16, 9)):
+        long, short = 2 * base, 2 * base * b // a // 8 * 8
+        presets[f"{long} × {short} ({a}:{b})"] = (long, short)
+        presets[f"{short} × {long} ({b}:{a})"] = (short, long)
+    return presets
+
+
+def settings_from(values: dict, base: int, window: int) -> dict:
+    """The CLI's settings (its names, meanings and defaults) from the page's or the API's values: blank
+    optional fields take the CLI's defaults, a blank negative prompt means none (zero embeddings), and with a
+    picture a missing side follows its aspect."""
+    settings = {k: cli.DEFAULTS.get(k) for k in metadata.SETTINGS}
+    settings.update({k: v for k, v in values.items() if k in metadata.SETTINGS and v is not None and v != ""})
+    settings["prompt"] = (values.get("prompt") or "").strip()
+    settings["negative"] = values.get("negative") or None
+    if settings["image"] is not None and None in (settings["height"], settings["width"]):
+        try:  # as the CLI's --image: a missing side follows the picture's aspect
+            picture = open_image(settings["image"])
+            settings["height"], settings["width"] = base_scale_size(
+                picture.width, picture.height, base, settings["height"], settings["width"]).final
+        except ValueError as e:  # ImageError included
+            raise RequestError("image", str(e)) from None
+    settings["height"] = settings["height"] or 2 * base
+    settings["width"] = settings["width"] or 2 * base
+    settings["stride"] = settings["stride"] or window // 2
+    settings["view_batch"] = settings["view_batch"] or None  # 0: the CLI's default (16, or what the budget allows)
+    if isinstance(settings["max_memory"], str):
+        try:
+            settings["max_memory"] = memory.parse_size(settings["max_memory"], unit=memory.GiB)
+        except ValueError as e:
+            raise RequestError("max_memory", str(e)) from None
+    return settings
+
+
+def check(settings: dict, base: int, window: int) -> None:
+    """RequestError, with the CLI's message, for what the CLI refuses: a seed, what check_request refuses, a
+    picture that cannot be read or whose aspect the size does not keep."""
+    if not settings["prompt"]:
+        raise RequestError("prompt", "no prompt given: type what to draw")
+    try:
+        cli.seed_of(settings)
+    except cli.UserError as e:
+        raise RequestError("seed", str(e)) from None
+    try:
+        check_request(base, window, settings["height"], settings["width"], settings["steps"], settings["guidance"],
+                      16 if settings["view_batch"] is None else settings["view_batch"], settings["stride"],
+                      settings["c1"], settings["c2"], settings["c3"], settings["sigma"], settings["scheduler"])
+    except ValueError as e:
+        raise RequestError(MESSAGE_FIELDS.get(str(e).split(" ", 1)[0], "size"), str(e)) from None
+    if settings["image"] is not None:
+        try:
+            picture = open_image(settings["image"])
+        except ValueError as e:  # ImageError
+            raise RequestError("image", str(e)) from None
+        try:
+            base_scale_size(picture.width, picture.height, base, settings["height"], settings["width"])
+        except ValueError as e:
+            raise RequestError("size", str(e)) from None
+
+
+def check_resume(saved: SavedScale, height: int, width: int, base: int) -> None:
+    """The CLI's --resume checks: the new size must add scales and keep the aspect of the run it continues."""
+    n_scales = max(1, int(max(height, width) / base))
+    first = saved.scale + 1
+    if first > n_scales:
+        raise RequestError("size", f"that run already reached scale {first - 1}; ask for a larger size (scale "
+                           f"{first} needs the longer side >= {first * base} px)")
+    want = scale_sizes(height, width, base)[first - 2]
+    have = tuple(saved.latents.shape[-2:])
+    if want != have:
+        raise RequestError("size", f"its scale-{first - 1} latents are {have[1]}x{have[0]}, but a {width}x{height} "
+                           f"run has {want[1]}x{want[0]} there; keep the aspect ratio of the run you continue")
+
+
+def scale_evals(cfg, height: int, width: int, stride: int, steps: int) -> list[int]:
+    """UNet evaluations of each scale of a run: 2 (classifier-free guidance) x steps x views."""
+    return [2 * steps * sum(n for _, _, n in views) for views in memory.unet_views(cfg, height, width, stride)]
+
+
+@dataclass
+class RunProgress:
+    """What the page shows of a run: a bar per scale, and an ETA for the whole run from the UNet evaluations
+    done and left (every view is one native-size UNet evaluation, so they cost about the same)."""
+    sizes: list[tuple[int, int]]  # (width, height) px of every scale
+    evals: list[int]  # UNet evaluations each scale computes; scales before `first` are not computed
+    steps: int
+    first: int = 1
+    started: float = field(default_factory=time.perf_counter)
+    step_of: dict[int, int] = field(default_factory=dict)
+    evals_of: dict[int, int] = field(default_factory=dict)
+    seconds_of: dict[int, float | None] = field(default_factory=dict)
+
+    def step(self, ev: Step) -> None:
+        self.step_of[ev.scale], self.evals_of[ev.scale] = ev.step, ev.evals
+
+    def finish(self, ev: Finished) -> None:
+        self.seconds_of[ev.scale] = ev.seconds
+        self.step_of[ev.scale] = self.steps
+        self.evals_of[ev.scale] = self.evals[ev.scale - 1]
+
+    @property
+    def total(self) -> int:
+        return sum(self.evals[self.first - 1:])
+
+    @property
+    def done(self) -> int:
+        return sum(self.evals_of.get(s, 0) for s in range(self.first, len(self.evals) + 1))
+
+    def eta(self, now: float | None = None) -> float | None:
+        """Seconds left at the rate of the evaluations done so far; None before the first step."""
+        if self.done == 0:
+            return None
+        elapsed = (time.perf_counter() if now is None else now) - self.started
+        return elapsed * (self.total - self.done) / self.done
+
+    def html(self) -> str:
+        if len(self.sizes) in self.seconds_of:
+            head = f"done in {_duration(time.perf_counter() - self.started)}"
+        elif self.done == self.total:
+            head = "ETA: decoding the last scale"
+        else:
+            eta = self.eta()
+            head = "ETA: after the first step" if eta is None else f"ETA {_duration(eta)}"
+        rows = [f'<div class="mf-eta">{head} · {self.done} of {self.total} UNet evaluations</div>']
+        for s, (w, h) in enumerate(self.sizes, start=1):
+            value = self.step_of.get(s, self.steps if s < self.first else 0)
+            if s in self.seconds_of:
+                seconds = self.seconds_of[s]
+                state = "the input picture" if seconds is None else f"done in {_duration(seconds)}"
+            elif s < self.first:
+                state = "from the run continued"
+            elif s in self.step_of:
+                state = "decoding" if value == self.steps else f"step {value}/{self.steps}"
+            else:
+                state = "waiting"
+            rows.append(f'<div class="mf-scale" data-scale="{s}"><span class="mf-name">scale {s} · {w}×{h}</span>'
+                        f'<progress max="{self.steps}" value="{value}"></progress>'
+                        f'<span class="mf-state">{state}</span></div>')
+        return '<div class="mf-progress">' + "".join(rows) + "</div>"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+
+
+def _shown(folder: Path) -> str:
+    """A folder as the user would type it from here: relative when it is under the working folder."""
+    relative = os.path.relpath(folder)
+    return str(folder) if relative.startswith("..") else relative
+
+
+def status_html(text: str, kind: str = "info") -> str:
+    """The page's one status line: `kind` info, done or error."""
+    return f'<div class="mf-status mf-{kind}">{html.escape(text)}</div>'
+
+
+def error_line(e: BaseException, settings: dict) -> str:
+    """One line for an error a run raised, as the CLI words it."""
+    if is_out_of_memory(e):
+        return (f"out of memory even with one view per UNet call at {settings['width']}x{settings['height']}; "
+                "choose a smaller size or set a memory budget in the advanced settings")
+    if isinstance(e, (ValueError, CheckpointError, NonFiniteError, OSError)):  # LatentFileError is a ValueError
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'see the console'}"
+
+
+def stream(pipe: Pipeline, prompt: str, kwargs: dict, cancel: threading.Event) -> Iterator[Step | Scale]:
+    """iter_generate in a worker thread, so that every step reaches the page, not only the finished scales:
+    yields Step after each step and each Scale once decoded; raises what the run raised (Cancelled once `cancel`
+    is set). Leaving early cancels the run and waits for it, so the device is free when this returns."""
+    events: queue.Queue = queue.Queue()
+    end = object()
+
+    def on_step(scale, step, steps, evals):  # step 0: the scale begins
+        events.put(Step(scale, step, steps, evals))
+        if cancel.is_set():
+            raise Cancelled(f"cancelled after step {step}/{steps} of scale {scale}" if step else
+                            f"cancelled as scale {scale} began")
+
+    def work():
+        try:
+            for scale in pipe.iter_generate(prompt, callback=on_step, **kwargs):
+                events.put(scale)
+            events.put(end)
+        except BaseException as e:  # handed to the consumer, which raises it in the request's thread
+            events.put(e)
+
+    worker = threading.Thread(target=work, name="minifusion-run", daemon=True)
+    worker.start()
+    try:
+        while (ev := events.get()) is not end:
+            if isinstance(ev, BaseException):
+                raise ev
+            yield ev
+    finally:
+        cancel.set()
+        worker.join()
+
+
+class Studio:
+    """The loaded model and the output folder: runs a request, writing each scale's PNG and latents as the
+    CLI does, and keeps one cancel switch per browser session."""
+
+    def __init__(self, pipe: Pipeline, weights: Path, outputs: Path):
+        self.pipe, self.weights, self.outputs = pipe, weights, outputs
+        self.base, self.window = pipe.base_size, pipe.configs.unet.sample_size
+        self.is_tiny = pipe.configs == TINY
+        self._cancels: dict[str, threading.Event] = {}
+
+    def settings(self, values: dict) -> dict:
+        """The request's settings, or RequestError for what the CLI refuses before it runs, a memory budget
+        nothing fits in included."""
+        settings = settings_from(values, self.base, self.window)
+        check(settings, self.base, self.window)
+        if settings["max_memory"] is not None:
+            try:
+                self.pipe.plan_memory(settings["max_memory"], settings["height"], settings["width"],
+                                      settings["stride"], not settings["tiled_decode"])
+            except ValueError as e:
+                raise RequestError("max_memory", f"{e}; raise the budget or choose a smaller size") from None
+        return settings
+
+    def resume(self, latents: str | None, height: int | None, width: int | None) -> SavedScale:
+        if not latents:
+            raise RequestError("size", "nothing to continue yet: generate first, then ask for a larger size")
+        saved = load_latents(latents)
+        height, width = int(height or 0), int(width or 0)
+        try:
+            check_request(self.base, self.window, height, width, stride=self.window // 2)
+        except ValueError as e:
+            raise RequestError(MESSAGE_FIELDS.get(str(e).split(" ", 1)[0], "size"), str(e)) from None
+        check_resume(saved, height, width, self.base)
+        return saved
+
+    def arm(self, token: str) -> threading.Event:
+        """A fresh cancel switch for the session's next run, made when its request is sent, so that cancel
+        also withdraws a request still waiting in the queue."""
+        self._cancels[token] = threading.Event()
+        return self._cancels[token]
+
+    def cancel(self, token: str) -> None:
+        if token in self._cancels:
+            self._cancels[token].set()
+
+    def switch(self, token: str | None) -> threading.Event:
+        return self._cancels.get(token) or self.arm(token or secrets.token_hex(8))
+
+    def progress(self, settings: dict, first: int = 1) -> RunProgress:
+        h, w = settings["height"], settings["width"]
+        sizes = [(8 * lw, 8 * lh) for lh, lw in scale_sizes(h, w, self.base)]
+        evals = scale_evals(self.pipe.configs.unet, h, w, settings["stride"], settings["steps"])
+        return RunProgress(sizes, evals, settings["steps"], first)
+
+    def run(self, settings: dict, cancel: threading.Event, resume: SavedScale | None = None
+            ) -> Iterator[Step | Finished]:
+        """Generate (or continue `resume`) with the CLI's settings (seed None: drawn); the PNGs and latents go
+        to the output folder under the CLI's next number, 00001-<seed>.png, ..."""
+        settings = {**settings, "seed": cli.seed_of(settings)[0]}
+        n_scales = len(scale_sizes(settings["height"], settings["width"], self.base))
+        paths = cli.output_paths(cli.numbered(self.outputs, [settings["seed"]])[0], n_scales)
+        if settings["image"] is not None and resume is None:
+            settings["image"] = str(self._keep_picture(Path(settings["image"]), paths[-1]))
+        kwargs = {metadata.SETTINGS[k]: v for k, v in settings.items() if k in metadata.SETTINGS and k != "prompt"}
+        if resume is not None:  # a resumed run has its picture in its latents already; its images still name it
+            kwargs.update(image=None, record={"image": settings["image"]})
+        if cancel.is_set():  # pressed while the request waited in the queue
+            raise Cancelled("cancelled before the run started")
+        for ev in stream(self.pipe, settings["prompt"], {**kwargs, "resume": resume}, cancel):
+            if isinstance(ev, Step):
+                yield ev
+                continue
+            path = paths[ev.scale - 1]
+            metadata.save_png(ev.image, path)  # the metadata iter_generate put in the image, as the CLI writes it
+            save_latents(latent_path(path), ev.saved())
+            yield Finished(ev.scale, path, latent_path(path), ev.image.size, ev.stats.get("seconds"), ev.settings)
+
+    def _keep_picture(self, picture: Path, out: Path) -> Path:
+        """The dropped-in picture beside the run's images, so its metadata names a file that stays."""
+        kept = out.with_name(f"{out.stem}.input{picture.suffix.lower() or '.png'}")
+        shutil.copyfile(picture, kept)
+        return kept.resolve()
+
+
+def build_app(studio: Studio):
+    """The page and the /generate endpoint. Gradio is imported here, after main() has pointed its cache into
+    the output folder (it reads GRADIO_TEMP_DIR when imported)."""
+    import gradio as gr
+    from gradio import FileData
+
+    pipe, base = studio.pipe, studio.base
+    presets = size_presets(base)
+    default_preset = next(iter(presets))
+    with gr.Blocks(title="minifusion", delete_cache=(86400, 86400)) as demo:
+        token = gr.State()  # one per page load (set by demo.load below): whose run the cancel button stops
+        last = gr.State(None)  # the last finished scale: {"latents", "gallery", "before"}
+        gr.Markdown(f"## minifusion · DemoFusion on SDXL\n{studio.weights.name} on {pipe.device} "
+                    f"({str(pipe.dtype).replace('torch.', '')}), base size {base} px; images go to "
+                    f"`{_shown(studio.outputs)}`")
+        if studio.is_tiny:
+            gr.Markdown(TINY_NOTICE, elem_id="tiny-notice")
+        with gr.Row():
+            with gr.Column(scale=2, min_width=320):
+                prompt = gr.Textbox(label="Prompt (Automatic1111's syntax: (word:1.3), [word], BREAK; any length)",
+                                    lines=3, elem_id="prompt")
+                negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="negative",
+                                      placeholder="none: zero embeddings, as SDXL base")
+                preset = gr.Dropdown(list(presets) + ["custom"], value=default_preset, label="Size",
+                                     elem_id="preset")
+                with gr.Row():
+                    width = gr.Number(presets[default_preset][0], label="Width", precision=0, step=8,
+                                      elem_id="width")
+                    height = gr.Number(presets[default_preset][1], label="Height", precision=0, step=8,
+                                       elem_id="height")
+                with gr.Row():
+                    steps = gr.Number(50, label="Steps per scale", precision=0, minimum=1, elem_id="steps")
+                    guidance = gr.Number(7.5, label="Guidance", step=0.5, elem_id="guidance")
+                with gr.Row():
+                    seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
+                    random_seed = gr.Checkbox(False, label="random seed", elem_id="random-seed")
+                    scheduler = gr.Dropdown(list(SCHEDULERS), value="ddim", label="Scheduler", elem_id="scheduler")
+                with gr.Accordion("Image to image: upscale a picture", open=False, elem_id="img2img"):
+                    image = gr.Image(type="filepath", label="Drop a picture: it replaces the base scale",
+                                     sources=["upload", "clipboard"], elem_id="image")
+                with gr.Accordion("Advanced: DemoFusion's knobs", open=False, elem_id="advanced"):
+                    with gr.Row():
+                        view_batch = gr.Number(0, label="View batch (0: 16, or the most the budget allows)",
+                                               precision=0, minimum=0, elem_id="view-batch")
+                        stride = gr.Number(studio.window // 2, label="Stride (latents)", precision=0,
+                                           elem_id="stride")
+                    with gr.Row():
+                        c1 = gr.Number(3.0, label="c1 (skip residual)", elem_id="c1")
+                        c2 = gr.Number(1.0, label="c2 (dilated sampling)", elem_id="c2")
+                        c3 = gr.Number(1.0, label="c3 (blur)", elem_id="c3")
+                        sigma = gr.Number(0.8, label="sigma (blur std)", elem_id="sigma")
+                    with gr.Row():
+                        tiled_decode = gr.Checkbox(True, label="tiled decode", elem_id="tiled-decode")
+                        jitter = gr.Checkbox(True, label="window jitter", elem_id="jitter")
+                        max_memory = gr.Textbox(label="Memory budget (e.g. 8GiB; blank: none)",
+                                                elem_id="max-memory")
+                # Still to come here: the LoRA picker (weights/loras/) and the VAE choice, which are load-time
+                # (Studio reloads the pipeline when they change), and the ControlNet's control image with its
+                # Canny preview, a `control_image` entry in `fields` (metadata.SETTINGS names it)
+                with gr.Row():
+                    run_button = gr.Button("Generate", variant="primary", elem_id="generate")
+                    cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                continue_button = gr.Button("Continue to a larger size, from the last finished scale",
+                                            size="md", elem_id="continue")
+            with gr.Column(scale=3, min_width=400):
+                status = gr.HTML(status_html("ready"), elem_id="status")
+                progress = gr.HTML(elem_id="progress")
+                gallery = gr.Gallery(label="Scales, as each is decoded", columns=4, object_fit="contain",
+                                     height=300, elem_id="gallery")
+                slider = gr.ImageSlider(label="Before / after: the base scale (or your picture) against the last",
+                                        type="filepath", elem_id="slider")
+                download = gr.File(label="PNG of the last scale, with the settings in its metadata",
+                                   elem_id="download")
+
+        fields = {"prompt": prompt, "negative": negative, "width": width, "height": height, "steps": steps,
+                  "guidance": guidance, "seed": seed, "random_seed": random_seed, "scheduler": scheduler,
+                  "image": image, "view_batch": view_batch, "stride": stride, "c1": c1, "c2": c2, "c3": c3,
+                  "sigma": sigma, "tiled_decode": tiled_decode, "jitter": jitter, "max_memory": max_memory}
+        outputs = [status, progress, gallery, slider, download, seed, last]
+
+        def validations(error: RequestError | None, names) -> list:
+            """One gr.validate per input, the error on the one it is about ("size": width and height)."""
+            def about(name):
+                return error is not None and (error.field == name or error.field == "size" and name in SIZE)
+            return [gr.validate(not about(n), str(error) if about(n) else "") for n in names]
+
+        def validate(token, *values):
+            try:
+                studio.settings(dict(zip(fields, values)))
+            except RequestError as e:
+                return validations(e, ["token", *fields])
+            return validations(None, ["token", *fields])
+
+        def show(events: Iterator, progress_of: RunProgress, settings: dict, shown: list, before: str | None):
+            """Page updates from a run's events: every step moves its bar, every finished scale joins the
+            gallery, the slider and the download; the last line says how it ended."""
+            final = None
+            yield {status: status_html(f"running: {settings['width']}x{settings['height']}, seed {settings['seed']}"),
+                   progress: progress_of.html(), gallery: list(shown), seed: settings["seed"]}
+            try:
+                for ev in events:
+                    if isinstance(ev, Step):
+                        progress_of.step(ev)
+                        yield {progress: progress_of.html()}
+                        continue
+                    progress_of.finish(ev)
+                    shown.append((str(ev.png), f"scale {ev.scale} · {ev.size[0]}×{ev.size[1]}"))
+                    before, final = before or str(ev.png), ev
+                    kept = {"latents": str(ev.latents), "gallery": list(shown), "before": before}
+                    yield {progress: progress_of.html(), gallery: list(shown), slider: (before, str(ev.png)),
+                           download: str(ev.png), last: kept}
+                line = status_html(f"done: {final.size[0]}x{final.size[1]} in "
+                                   f"{_duration(time.perf_counter() - progress_of.started)}, saved as "
+                                   f"{final.png.name}", "done")
+            except Cancelled as e:
+                line = status_html(f"{e}; kept {len(shown)} finished scale(s)" if shown else str(e))
+            except Exception as e:  # the app keeps serving: one line in the page, the traceback on the console
+                log.error("the run failed", exc_info=e)
+                line = status_html(f"error: {error_line(e, settings)}", "error")
+            yield {status: line, progress: progress_of.html()}
+
+        def page_generate(token, *values):
+            values = dict(zip(fields, values))
+            settings = studio.settings(values)
+            if values["random_seed"]:
+                settings["seed"] = None
+            settings["seed"] = cli.seed_of(settings)[0]  # drawn here, so the page shows it
+            before = settings["image"]
+            yield from show(studio.run(settings, studio.switch(token)),
+                            studio.progress(settings, 1 if before is None else 2), settings, [], before)
+
+        def validate_continue(token, last, width, height):
+            try:
+                studio.resume((last or {}).get("latents"), height, width)
+            except (RequestError, LatentFileError) as e:
+                error = e if isinstance(e, RequestError) else RequestError("size", str(e))
+                return validations(error, ["token", "last", "width", "height"])
+            return validations(None, ["token", "last", "width", "height"])
+
+        def page_continue(token, last, width, height):
+            saved = studio.resume(last["latents"], height, width)
+            settings = {k: v for k, v in saved.settings.items() if k in metadata.SETTINGS}
+            settings.update(height=int(height), width=int(width))
+            yield from show(studio.run(settings, studio.switch(token), saved),
+                            studio.progress(settings, saved.scale + 1), settings, list(last["gallery"]),
+                            last["before"])
+
+        def arm(token):
+            studio.arm(token)
+
+        def pick_preset(choice):
+            if choice not in presets:
+                return gr.skip(), gr.skip()
+            return presets[choice]
+
+        def size_of_picture(path):
+            """A dropped picture sets the size to 2 x base on its longer side, keeping its aspect (the CLI's
+            default for --image)."""
+            if not path:
+                return gr.skip(), gr.skip(), gr.skip()
+            try:
+                picture = open_image(path)
+            except ValueError:
+                return gr.skip(), gr.skip(), gr.skip()
+            h, w = base_scale_size(picture.width, picture.height, base).final
+            return w, h, "custom"
+
+        preset.change(pick_preset, preset, [width, height], queue=False, api_visibility="private")
+        gr.on([width.input, height.input], lambda: "custom", None, preset, queue=False, api_visibility="private")
+        image.change(size_of_picture, image, [width, height, preset], queue=False, api_visibility="private")
+        device = {"concurrency_id": "device", "concurrency_limit": 1}  # one generation on the device at a time
+        demo.load(lambda: secrets.token_hex(8), None, token, queue=False, api_visibility="private")
+        run_button.click(arm, token, None, queue=False, api_visibility="private").then(
+            page_generate, [token, *fields.values()], outputs, validator=validate, show_progress_on=[progress],
+            api_visibility="private", **device)
+        continue_button.click(arm, token, None, queue=False, api_visibility="private").then(
+            page_continue, [token, last, width, height], outputs, validator=validate_continue,
+            show_progress_on=[progress], api_visibility="private", **device)
+        cancel_button.click(studio.cancel, token, None, queue=False, api_visibility="private")
+
+        def api_generate(prompt: str, negative: str = "", width: int | None = None, height: int | None = None,
+                         steps: int = 50, guidance: float = 7.5, seed: int | None = None, scheduler: str = "ddim",
+                         view_batch: int | None = None, stride: int | None = None, c1: float = 3.0, c2: float = 1.0,
+                         c3: float = 1.0, sigma: float = 0.8, tiled_decode: bool = True, jitter: bool = True,
+                         max_memory: str | None = None, image: FileData | None = None) -> tuple[list[FileData], dict]:
+            """Generate: the PNG of every scale (base scale first, each with the settings in its metadata) and a
+            summary (the settings used; per scale its size, seconds and latents file). Arguments as the CLI's
+            flags: width/height default to 2 x the base size, seed None or -1 draws one, image upscales a
+            picture (gradio_client.handle_file)."""
+            values = dict(locals())
+            values["image"] = FileData.model_validate(image).path if image is not None else None
+            try:
+                settings = studio.settings(values)
+            except RequestError as e:
+                raise gr.Error(str(e), print_exception=False) from None
+            try:
+                done = [ev for ev in studio.run(settings, threading.Event()) if isinstance(ev, Finished)]
+            except Exception as e:
+                log.error("the run failed", exc_info=e)
+                raise gr.Error(error_line(e, settings), print_exception=False) from None
+            return ([FileData(path=str(ev.png)) for ev in done],
+                    {"settings": done[-1].settings, "scales": [
+                        {"scale": ev.scale, "width": ev.size[0], "height": ev.size[1], "seconds": ev.seconds,
+                         "latents": str(ev.latents)} for ev in done]})
+
+        gr.api(api_generate, api_name="generate", **device)
+    return demo
+
+
+CSS = """
+.mf-status { font-weight: 600; padding: 4px 0; }
+.mf-error { color: #c62828; }
+.mf-done { color: #2e7d32; }
+.mf-progress .mf-eta { margin-bottom: 4px; }
+.mf-scale { display: flex; gap: 8px; align-items: center; }
+.mf-scale .mf-name { min-width: 11em; }
+.mf-scale progress { flex: 1; height: 12px; }
+.mf-scale .mf-state { width: 11em; text-align: right; }
+"""
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m minifusion.ui", description="minifusion's web UI (Gradio): "
+                                 "the model loads once; requests queue, one generation on the device at a time.")
+    ap.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS,
+                    help="SDXL .safetensors file or diffusers folder (default: weights/)")
+    ap.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0: the network)")
+    ap.add_argument("--port", type=int, default=7860, help="default 7860")
+    ap.add_argument("--outputs", type=Path, default=Path("outputs"),
+                    help="folder for every file the UI writes (default: outputs/)")
+    ap.add_argument("--device", help="cuda, mps or cpu (default: the first available)")
+    ap.add_argument("--dtype", choices=list(cli.DTYPES),
+                    help="default: float16 on GPUs; on CPUs bfloat16 where the CPU has it in hardware, else float32")
+    return ap.parse_args(argv)
+
+
+def reachable_from_network(host: str) -> bool:
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host != "localhost"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    outputs = args.outputs.resolve()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    log.addHandler(handler)
+    started = time.perf_counter()
+    try:
+        device = cli.resolve_device(args.device)
+        dtype = cli.DTYPES[args.dtype] if args.dtype else default_dtype(device)
+        pipe = load(args.weights, device=device, dtype=dtype)
+        pipe.model_info()  # hashes the weights for the images' metadata now, not before the first image
+        outputs.mkdir(parents=True, exist_ok=True)
+    except (cli.UserError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: --outputs {args.outputs}: cannot create it ({e.strerror or e})", file=sys.stderr)
+        return 2
+    # Gradio keeps uploads and copies of the files it serves under GRADIO_TEMP_DIR, read when it is imported
+    os.environ["GRADIO_TEMP_DIR"] = str(outputs / ".gradio")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    studio = Studio(pipe, args.weights, outputs)
+    print(f"loaded {args.weights} on {device} ({str(dtype).replace('torch.', '')}) in "
+          f"{time.perf_counter() - started:.1f} s" + ("; the tiny random model: its images are noise"
+                                                      if studio.is_tiny else ""), file=sys.stderr)
+    demo = build_app(studio)
+    demo.queue(default_concurrency_limit=1)
+    try:
+        _, url, _ = demo.launch(server_name=args.host, server_port=args.port, quiet=True, prevent_thread_lock=True,
+                                allowed_paths=[str(outputs)], css=CSS, footer_links=["api"])
+    except OSError as e:
+        print(f"error: cannot listen on {args.host}:{args.port} ({e}); choose another --port", file=sys.stderr)
+        return 2
+    print(f"minifusion UI on http://{args.host}:{args.port}/ (outputs in {outputs})", file=sys.stderr)
+    if reachable_from_network(args.host):
+        print(f"--host {args.host}: the UI is reachable from the network; anyone who can reach this machine on "
+              f"port {args.port} can generate images and download what is in {outputs}", file=sys.stderr)
+    try:
+        demo.block_thread()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        demo.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
