@@ -296,6 +296,12 @@ class Pipeline:
             decode_tile, kept = planned.decode_tile, planned.resident
             vb = planned.view_batch_size
             view_batch_size = vb if view_batch_size is None else min(view_batch_size, vb)
+        group = distributed.default_group() if view_parallel else None
+        if group is not None and (view_batch_size is None or max_memory is not None):
+            # none asked for: spread the calls over the ranks (a single process given the recorded view batch
+            # makes the same image)
+            view_batch_size = distributed.view_batch(memory.unet_views(self.configs.unet, height, width, stride),
+                                                     distributed.world(group), view_batch_size or 16)
         view_batch_size = 16 if view_batch_size is None else view_batch_size
         settings = {"prompt": prompt, "negative": negative_prompt, "height": height, "width": width,
                     "steps": num_inference_steps, "guidance": guidance_scale, "seed": seed, "scheduler": scheduler,
@@ -314,7 +320,6 @@ class Pipeline:
             steps=num_inference_steps)
         try:
             self._place(None, kept)
-            group = distributed.default_group() if view_parallel else None
             runner = distributed.view_runner(group) if group is not None else ViewRunner
             share = distributed.TileShare(group, self.device) if group is not None else None
             if group is None:

@@ -18,7 +18,7 @@ CASES = dict(
     # 3 scales, non-square, views batched 3 at a time: several calls per step, not divisible by the ranks
     text=dict(prompt="a red fox", height=768, width=512, num_inference_steps=2, seed=3, view_batch_size=3),
     euler=dict(prompt="a cat", negative_prompt="blurry", height=512, width=512, num_inference_steps=2, seed=1,
-               scheduler="euler", stride=12),
+               scheduler="euler", stride=12, view_batch_size=4),
 )
 
 
@@ -37,7 +37,9 @@ def main(weights: str, out: str) -> None:
     share = distributed.TileShare(dist.group.WORLD, torch.device("cpu"))
     got["decode"] = decode_tiled(pipe.vae, latents, tile=64, share=share)
     got["encode"] = encode_tiled(pipe.vae, torch.rand(1, 3, 200, 136, generator=g) * 2 - 1, tile=64, share=share)
-    got["img2img"] = pipe.generate("a fox", image=pipe.decode(latents), num_inference_steps=2, seed=2).latents
+    # no view batch asked: the ranks choose one that spreads the calls (distributed.view_batch) and say which
+    img2img = pipe.generate("a fox", image=pipe.decode(latents), num_inference_steps=2, seed=2)
+    got["img2img"], got["img2img_batch"] = img2img.latents, img2img.stats[-1]["view_batch_size"]
 
     # a UNet call failing on the last rank: every rank stops with the same error, none hangs
     unet = pipe.unet

@@ -43,7 +43,8 @@ def alone(tiny_pipe, one_thread):
     latents = torch.randn(1, 4, 40, 24, generator=g)
     out["decode"] = decode_tiled(tiny_pipe.vae, latents, tile=64)
     out["encode"] = encode_tiled(tiny_pipe.vae, torch.rand(1, 3, 200, 136, generator=g) * 2 - 1, tile=64)
-    out["img2img"] = tiny_pipe.generate("a fox", image=tiny_pipe.decode(latents), num_inference_steps=2, seed=2)
+    out["img2img"] = {b: tiny_pipe.generate("a fox", image=tiny_pipe.decode(latents), num_inference_steps=2, seed=2,
+                                            view_batch_size=b) for b in (4, 2)}
     # out of memory on one rank halves the view batch, as it does in one process: the rest runs 1 view a call
     out["oom"] = tiny_pipe.generate(**(cases.CASES["euler"] | {"view_batch_size": 1}))
     return out
@@ -66,7 +67,11 @@ def test_view_parallel_equals_one_process(n, tiny_file, alone, tmp_path):
             assert got[name]["evals"] == [s["unet_evaluations"] for s in want.stats]
         assert torch.equal(got["decode"], alone["decode"])
         assert all(torch.equal(a, b) for a, b in zip(got["encode"], alone["encode"]))
-        assert all(torch.equal(a, b) for a, b in zip(got["img2img"], alone["img2img"].latents))
+        # the batch the ranks chose spreads the 512x304 run's 6 windows (32^2) + 4 dilated views (32x19)
+        # (distributed.view_batch; by hand, the busiest rank's latent pixels: 2 ranks 4 -> 5088, 1 -> 4896 best;
+        # 3 ranks 2 and 1 -> 3872), and one process given that batch makes the same image
+        assert got["img2img_batch"] == {2: 4, 3: 2}[n]
+        assert all(torch.equal(a, b) for a, b in zip(got["img2img"], alone["img2img"][got["img2img_batch"]].latents))
         assert all(torch.equal(a, b) for a, b in zip(got["oom"], alone["oom"].latents))
     # the injected failure on the last rank: that rank raises it, every other rank names it and the rank
     assert everyone[-1]["failure"] == "ValueError: injected failure"
@@ -157,3 +162,20 @@ def test_a_rank_that_dies_does_not_leave_the_others_waiting(tiny_file, tmp_path)
     # rank 0 stops with an error well before its 20 s collective timeout would have to end the wait
     assert got["outcome"] != "finished" and got["outcome"].split(":")[0].endswith("Error"), got
     assert got["seconds"] < 60
+
+
+def test_with_no_view_batch_asked_the_ranks_get_calls_to_share():
+    from minifusion.config import SDXL_UNET
+    from minifusion.distributed import view_batch
+    from minifusion.memory import unet_views
+    # all views 128^2 latents; worked by hand, the busiest rank's views summed over the scales (phase 1: 1 view)
+    at_2048, at_4096 = unet_views(SDXL_UNET, 2048, 2048), unet_views(SDXL_UNET, 4096, 4096)
+    assert view_batch(at_2048, 1) == 16 and view_batch(at_4096, 1) == 16  # one rank: every batch does all the work
+    # 2048^2 (9 windows + 4 dilated views): 2 ranks 16: 10, 8: 9, 4: 9, 2: 8, 1: 8 -> the largest within 5 % of 8
+    assert view_batch(at_2048, 2) == 2
+    assert view_batch(at_2048, 4) == 4  # 16: 10, 8: 9, 4: 5, 2: 5, 1: 5
+    assert view_batch(at_2048, 8) == 2  # 4: 5, 2: 3, 1: 3
+    # 4096^2 (13, 34, 65 views): 2 ranks 16: 61, 8: 59, 4: 59, 2: 58, 1: 58 -> 8 (59 <= 60.9)
+    assert view_batch(at_4096, 2) == 8
+    assert view_batch(at_4096, 8) == 2  # 16: 42, 8: 26, 4: 19, 2: 17, 1: 17
+    assert view_batch(at_4096, 2, most=4) == 4  # 4: 59 within 5 % of 58
