@@ -14,6 +14,7 @@ must be plain file names in the index's own folder.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 from dataclasses import dataclass, fields
@@ -456,6 +457,18 @@ def _report(where: Path, missing, unexpected, misshapen, integer) -> str:
     return f"{where}: does not match the SDXL architecture; " + "; ".join(parts)
 
 
+def _heap_trimmer() -> Callable[[], object]:
+    # glibc keeps freed blocks below its mmap threshold (which grows to 32 MiB as big blocks are freed) in the heap,
+    # between the weights loaded after them; malloc_trim hands their pages back. Other C libraries: nothing to do
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None) or (lambda *_: None)
+    except (OSError, TypeError):
+        return lambda *_: None
+
+
+_trim_heap = _heap_trimmer()
+
+
 def _materialise(model, table, src: TensorSource, device, dtype, patch=None, read=None) -> torch.nn.Module:
     state = {}
     for ours, (key, op) in table.items():
@@ -463,7 +476,12 @@ def _materialise(model, table, src: TensorSource, device, dtype, patch=None, rea
         if read is not None:
             read(src.nbytes(key))
         if patch is not None:
-            t = patch(ours, t)  # before the cast: merged in float32, an fp16 model is rounded once
+            merged = patch(ours, t)  # before the cast: merged in float32, an fp16 model is rounded once
+            if merged is not t:
+                # the merge's float32 temporaries would stay resident as holes: two SDXL LoRAs, 10.6 GB of
+                # resident memory growth for a 6.9 GB file instead of 7.3
+                _trim_heap(0)
+            t = merged
         state[ours] = t.to(device=device, dtype=dtype).contiguous()
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
