@@ -6,15 +6,24 @@ as soon as it is decoded, with a progress bar per scale and an ETA for the whole
 current step and keeps the finished scales; "continue to a larger size" resumes from the last finished scale
 (the CLI's --resume). Everything is written under the output folder: each scale's PNG with the CLI's metadata
 (`minifusion --settings-from` reads it) and its latents, numbered as the CLI numbers them (00001-<seed>.png,
-00001-<seed>.x1.png, ...), the pictures dropped in for image-to-image, and Gradio's own cache (.gradio/); only
-the cache of the weights' hashes stays where the CLI keeps it (~/.cache/minifusion). The same generation is the
-API endpoint /generate:
+00001-<seed>.x1.png, ...), the pictures dropped in for image-to-image and as a control image, and Gradio's own
+cache (.gradio/); only the cache of the weights' hashes stays where the CLI keeps it (~/.cache/minifusion).
 
-    from gradio_client import Client
+Beside the checkpoint, in the folders loras/, vae/, embeddings/ and controlnet/ inside the weights folder (or
+next to the checkpoint file; --lora-dir, --vae-dir, --embeddings-dir, --controlnet-dir choose others): LoRAs
+picked with a weight each, a VAE, a ControlNet with its control image (Canny edges optional, previewed at phase
+1's size). Every embedding there loads at start, its file name a word prompts can use. These are load-time
+choices: the pipeline is loaded again, in the queue, when a request asks for another set than the loaded one.
+
+The same generation is the API endpoint /generate (the CLI's names; LoRAs, VAE and ControlNet by their names in
+those folders):
+
+    from gradio_client import Client, handle_file
     pngs, info = Client("http://127.0.0.1:7860/").predict("a lighthouse", width=2048, height=2048,
-                                                          api_name="/generate")
+                                                          lora=["style.safetensors:0.8"], api_name="/generate")
 """
 import argparse
+import gc
 import html
 import ipaddress
 import logging
@@ -27,17 +36,25 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
+
+import torch
 
 from . import __main__ as cli
 from . import memory, metadata
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, inspect_checkpoint
+from .controlnet import canny, phase1_condition_size
+from .controlnet_file import inspect_controlnet
 from .demofusion import scale_sizes
+from .embeddings import PICKLE_SUFFIXES, load_embedding
 from .encode import base_scale_size, open_image
 from .files import LatentFileError, SavedScale, latent_path, load_latents, save_latents
-from .pipeline import DEFAULT_WEIGHTS, NonFiniteError, Pipeline, Scale, check_request, default_dtype, load
+from .lora import open_loras, parse_spec
+from .pipeline import DEFAULT_WEIGHTS, NonFiniteError, Pipeline, Scale, check_request, default_dtype, load, resident
 from .schedulers import SCHEDULERS
 from .tiny import TINY
+from .tokenizer import Tokenizer
+from .vae_file import inspect_vae, vae_dtype_for
 from .views import is_out_of_memory
 
 log = logging.getLogger("minifusion")
@@ -47,6 +64,12 @@ MESSAGE_FIELDS = {"height": "height", "width": "width", "size": "size", "num_inf
                   "cosine_scale_1": "c1", "cosine_scale_2": "c2", "cosine_scale_3": "c3", "sigma": "sigma",
                   "scheduler": "scheduler"}
 SIZE = ("width", "height")
+# what loads beside the checkpoint (the CLI's names) -> its folder inside the weights folder
+FOLDERS = {"lora": "loras", "vae": "vae", "embedding": "embeddings", "controlnet": "controlnet"}
+WHAT = {"lora": "LoRA", "vae": "VAE", "embedding": "embedding", "controlnet": "ControlNet"}
+ADAPTERS = tuple(FOLDERS)  # their settings, beside metadata.SETTINGS
+MAX_LORAS = 8  # weight sliders on the page, one per picked LoRA
+OWN_VAE, NO_CONTROLNET = "the checkpoint's own", "none"  # the dropdowns' first choices
 TINY_NOTICE = ("**The tiny random model is loaded: its images are noise**, by construction, not a bug. They show "
                "that the whole pipeline runs, not what SDXL draws; start with `--weights` pointing at SDXL for "
                "pictures.")
@@ -64,12 +87,110 @@ class Cancelled(Exception):
     """Raised from the step callback once cancel is pressed: the run stops after the step in progress."""
 
 
+class LoadError(ValueError):
+    """A LoRA / VAE / embedding / ControlNet set that failed to load; the set loaded before it is back."""
+
+
+@dataclass(frozen=True)
+class Folders:
+    """Where the page finds what loads beside the checkpoint, one folder per kind (FOLDERS)."""
+    lora: Path
+    vae: Path
+    embedding: Path
+    controlnet: Path
+
+    @classmethod
+    def beside(cls, weights: Path, **given: Path | None) -> "Folders":
+        """weights/loras/, ... inside the weights folder, or next to the checkpoint file; `given` overrides."""
+        home = weights.parent if weights.is_file() else weights
+        return cls(**{k: Path(os.path.abspath(given.get(k) or home / sub)) for k, sub in FOLDERS.items()})
+
+    def entries(self, kind: str) -> list[str]:
+        """What there is to pick, as names relative to the folder. LoRAs and embeddings: the .safetensors files
+        anywhere under it (embeddings: pickles too, to say why they are skipped). VAEs and ControlNets: the
+        .safetensors files and the folders in it; a folder holding config.json is one network (a diffusers
+        checkpoint's own vae/, say), whose weights files are not choices of their own."""
+        folder = getattr(self, kind)
+        try:
+            if kind in ("lora", "embedding"):
+                suffixes = (".safetensors", *PICKLE_SUFFIXES) if kind == "embedding" else (".safetensors",)
+                found = [p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file()]
+            else:
+                one = (folder / "config.json").is_file()
+                found = [p for p in folder.iterdir()
+                         if p.is_dir() or not one and p.suffix.lower() == ".safetensors" and p.is_file()]
+        except OSError:  # no such folder (the usual case), or unreadable: nothing to pick
+            return []
+        names = [p.relative_to(folder).as_posix() for p in found]
+        return sorted((n for n in names if not any(part.startswith(".") for part in n.split("/"))), key=str.lower)
+
+    def path(self, kind: str, name: str | Path) -> str:
+        """The absolute path of an entry (a name as `entries` gives it, or a path inside the folder), for
+        the PNG's metadata to name a file --settings-from finds; RequestError for anything else, so that the
+        page and the API load nothing from outside these folders."""
+        folder = getattr(self, kind)
+        path = Path(os.path.normpath(folder / name))
+        if not path.is_relative_to(folder) or path == folder:
+            raise RequestError(kind, f"{name}: not in the {WHAT[kind]} folder {_shown(folder)}; put it there")
+        if not path.exists():
+            raise RequestError(kind, f"{name}: no such {WHAT[kind]} in {_shown(folder)} (rescan the folders to see "
+                               "what is there)")
+        return str(path)
+
+    def embeddings(self, cfgs, encode: Callable[[str], list[int]]) -> tuple[list[str], list[str]]:
+        """The embeddings that load into a checkpoint of `cfgs` (paths), and a line for each that does not:
+        skipped, as Automatic1111 skips them, rather than keeping the app from starting."""
+        widths = (cfgs.text_encoder_1.width, cfgs.text_encoder_2.width)
+        usable, skipped, words = [], [], {}
+        for name in self.entries("embedding"):
+            path = self.path("embedding", name)
+            try:
+                ids = load_embedding(path, widths, encode).ids
+            except (CheckpointError, ValueError) as e:
+                skipped.append(str(e).splitlines()[0])
+                continue
+            if ids in words:
+                skipped.append(f"{path}: the same word as {words[ids]} (prompts are lowercased); rename one")
+                continue
+            usable.append(path)
+            words[ids] = Path(path).name
+        return usable, skipped
+
+
+@dataclass(frozen=True)
+class Adapters:
+    """What `load` merges into the weights or keeps beside them, under the CLI's names: a request for another
+    set than the loaded one loads the pipeline again."""
+    lora: tuple[tuple[str, float], ...] = ()
+    vae: str | None = None
+    embedding: tuple[str, ...] = ()
+    controlnet: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, settings: dict) -> "Adapters":
+        return cls(tuple((str(p), float(w)) for p, w in settings.get("lora") or ()), settings.get("vae"),
+                   tuple(settings.get("embedding") or ()), tuple(settings.get("controlnet") or ()))
+
+    def describe(self) -> str:
+        parts = [f"LoRA {Path(p).name} at {w:g}" for p, w in self.lora]
+        parts += [f"VAE {Path(self.vae).name}"] if self.vae else []
+        parts += [f"ControlNet {Path(c).name}" for c in self.controlnet]
+        n = len(self.embedding)
+        parts += [f"{n} embedding{'s' if n > 1 else ''}"] if n else []
+        return ", ".join(parts) or "the checkpoint alone"
+
+
 @dataclass(frozen=True)
 class Step:
     scale: int
     step: int
     steps: int
     evals: int  # UNet evaluations so far in this scale
+
+
+@dataclass(frozen=True)
+class Loading:
+    what: str  # Adapters.describe() of the set being loaded
 
 
 @dataclass(frozen=True)
@@ -98,9 +219,11 @@ def size_presets(base: int) -> dict[str, tuple[int, int]]:
 def settings_from(values: dict, base: int, window: int) -> dict:
     """The CLI's settings (its names, meanings and defaults) from the page's or the API's values: blank
     optional fields take the CLI's defaults, a blank negative prompt means none (zero embeddings), and with a
-    picture a missing side follows its aspect."""
-    settings = {k: cli.DEFAULTS.get(k) for k in metadata.SETTINGS}
-    settings.update({k: v for k, v in values.items() if k in metadata.SETTINGS and v is not None and v != ""})
+    picture a missing side follows its aspect. LoRAs, VAE, embeddings and ControlNets as paths (Studio.settings
+    finds them in their folders)."""
+    names = (*metadata.SETTINGS, *ADAPTERS, *metadata.CLI_SETTINGS)
+    settings = {k: cli.DEFAULTS.get(k) for k in names}
+    settings.update({k: v for k, v in values.items() if k in names and v is not None and v != ""})
     settings["prompt"] = (values.get("prompt") or "").strip()
     settings["negative"] = values.get("negative") or None
     if settings["image"] is not None and None in (settings["height"], settings["width"]):
@@ -124,7 +247,7 @@ def settings_from(values: dict, base: int, window: int) -> dict:
 
 def check(settings: dict, base: int, window: int) -> None:
     """RequestError, with the CLI's message, for what the CLI refuses: a seed, what check_request refuses, a
-    picture that cannot be read or whose aspect the size does not keep."""
+    picture that cannot be read or whose aspect the size does not keep, a ControlNet's start after its end."""
     if not settings["prompt"]:
         raise RequestError("prompt", "no prompt given: type what to draw")
     try:
@@ -146,6 +269,11 @@ def check(settings: dict, base: int, window: int) -> None:
             base_scale_size(picture.width, picture.height, base, settings["height"], settings["width"])
         except ValueError as e:
             raise RequestError("size", str(e)) from None
+    if settings["controlnet"]:
+        a, b = settings["control_start"], settings["control_end"]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)) or not 0 <= a < b <= 1:
+            raise RequestError("control_end", f"the ControlNet acts from {a} to {b} of each scale's steps; it "
+                               "needs 0 <= start < end <= 1")
 
 
 def check_resume(saved: SavedScale, height: int, width: int, base: int) -> None:
@@ -291,26 +419,73 @@ def stream(pipe: Pipeline, prompt: str, kwargs: dict, cancel: threading.Event) -
 
 class Studio:
     """The loaded model and the output folder: runs a request, writing each scale's PNG and latents as the
-    CLI does, and keeps one cancel switch per browser session."""
+    CLI does, loading the pipeline again first when the request asks for other LoRAs, VAE, embeddings or
+    ControlNet; keeps one cancel switch per browser session."""
 
-    def __init__(self, pipe: Pipeline, weights: Path, outputs: Path):
+    def __init__(self, pipe: Pipeline, weights: Path, outputs: Path, folders: Folders | None = None,
+                 skipped: Iterable[str] = ()):
         self.pipe, self.weights, self.outputs = pipe, weights, outputs
+        self.folders = folders or Folders.beside(weights)
+        # what requests are checked against and loaded with: `pipe` is let go while another set loads
+        self.configs, self.device, self.dtype = pipe.configs, pipe.device, pipe.dtype
         self.base, self.window = pipe.base_size, pipe.configs.unet.sample_size
         self.is_tiny = pipe.configs == TINY
+        self.loaded: Adapters | None = Adapters.of(pipe.sources)  # None: no pipeline (the last loads failed)
+        self.embeddings, self.skipped = list(pipe.sources["embedding"]), list(skipped)  # the folder's, for requests
+        self.tokenizer = Tokenizer()
         self._cancels: dict[str, threading.Event] = {}
 
+    def rescan(self) -> None:
+        """The embeddings folder again (the other folders are read whenever the page lists them); a change
+        loads the pipeline again at the next request."""
+        self.embeddings, self.skipped = self.folders.embeddings(self.configs, self.tokenizer.encode)
+
     def settings(self, values: dict) -> dict:
-        """The request's settings, or RequestError for what the CLI refuses before it runs, a memory budget
-        nothing fits in included."""
-        settings = settings_from(values, self.base, self.window)
+        """The request's settings, or RequestError for what the CLI refuses before it runs: LoRAs, VAE and
+        ControlNet named as the page lists them (found in their folders) and checked as the CLI checks them,
+        and a memory budget nothing fits in."""
+        settings = settings_from({**values, **self._paths(values)}, self.base, self.window)
         check(settings, self.base, self.window)
+        want = Adapters.of(settings)
+        if want != self.loaded:  # a set that loaded is not read again; another is checked from its headers
+            if want.lora:
+                _checked("lora", lambda: open_loras(want.lora, self.configs).close())
+            if want.vae:
+                _checked("vae", inspect_vae, want.vae)
+            for net in want.controlnet:
+                _checked("controlnet", inspect_controlnet, net, self.configs.unet)
+        if settings["control_image"] is not None:
+            picture = _checked("control_image", open_image, settings["control_image"])
+            if settings["canny"]:
+                size = phase1_condition_size(settings["height"], settings["width"], self.base)
+                _checked("canny", canny, picture, size)
         if settings["max_memory"] is not None:
+            # as the CLI plans it: with the ControlNets and the VAE asked for, not those loaded now
+            extra = {"controlnets": tuple(_checked("controlnet", inspect_controlnet, net, self.configs.unet).config
+                                          for net in want.controlnet),
+                     "vae_dtype": vae_dtype_for(self.dtype, _checked("vae", inspect_vae, want.vae).fp16_safe)
+                     if want.vae else None}
+            tiles = ((None,) if not settings["tiled_decode"] else ()) + memory.DECODE_TILES
             try:
-                self.pipe.plan_memory(settings["max_memory"], settings["height"], settings["width"],
-                                      settings["stride"], not settings["tiled_decode"])
+                memory.plan(settings["max_memory"], self.configs, settings["height"], settings["width"],
+                            self.dtype, self.device.type, settings["stride"], resident(self.device),
+                            may_offload=self.device.type != "cpu", decode_tiles=tiles, **extra)
             except ValueError as e:
                 raise RequestError("max_memory", f"{e}; raise the budget or choose a smaller size") from None
         return settings
+
+    def _paths(self, values: dict) -> dict:
+        """A request's LoRAs ((name, weight) pairs), VAE and ControlNet (names; None for none) as the CLI's
+        settings: paths in their folders; the embeddings the folder holds. A control image goes with a
+        ControlNet."""
+        loras = [[self.folders.path("lora", name), float(weight)] for name, weight in values.get("lora") or ()]
+        vae, net = values.get("vae"), values.get("controlnet")
+        if values.get("control_image") and not net:
+            raise RequestError("controlnet", "a control image steers a ControlNet: choose one")
+        if net and not values.get("control_image"):
+            raise RequestError("control_image", f"the ControlNet {net} needs a control image: drop one here")
+        return {"lora": loras, "vae": self.folders.path("vae", vae) if vae else None,
+                "controlnet": [self.folders.path("controlnet", net)] if net else [], "embedding": list(self.embeddings)}
 
     def resume(self, latents: str | None, height: int | None, width: int | None) -> SavedScale:
         if not latents:
@@ -340,24 +515,33 @@ class Studio:
     def progress(self, settings: dict, first: int = 1) -> RunProgress:
         h, w = settings["height"], settings["width"]
         sizes = [(8 * lw, 8 * lh) for lh, lw in scale_sizes(h, w, self.base)]
-        evals = scale_evals(self.pipe.configs.unet, h, w, settings["stride"], settings["steps"])
+        evals = scale_evals(self.configs.unet, h, w, settings["stride"], settings["steps"])
         return RunProgress(sizes, evals, settings["steps"], first)
 
     def run(self, settings: dict, cancel: threading.Event, resume: SavedScale | None = None
-            ) -> Iterator[Step | Finished]:
+            ) -> Iterator[Loading | Step | Finished]:
         """Generate (or continue `resume`) with the CLI's settings (seed None: drawn); the PNGs and latents go
         to the output folder under the CLI's next number, 00001-<seed>.png, ..."""
         settings = {**settings, "seed": cli.seed_of(settings)[0]}
         n_scales = len(scale_sizes(settings["height"], settings["width"], self.base))
         paths = cli.output_paths(cli.numbered(self.outputs, [settings["seed"]])[0], n_scales)
-        if settings["image"] is not None and resume is None:
-            settings["image"] = str(self._keep_picture(Path(settings["image"]), paths[-1]))
+        if resume is None:  # a resumed run's pictures were kept by the run it continues
+            for name, role in (("image", "input"), ("control_image", "control")):
+                if settings[name] is not None:
+                    settings[name] = str(self._keep_picture(Path(settings[name]), paths[-1], role))
         kwargs = {metadata.SETTINGS[k]: v for k, v in settings.items() if k in metadata.SETTINGS and k != "prompt"}
+        # recorded as the CLI records them: the control picture by its path (it is handed over as pixels)
+        record = {k: settings[k] for k in ("control_image", "canny") if settings.get(k) is not None}
         if resume is not None:  # a resumed run has its picture in its latents already; its images still name it
-            kwargs.update(image=None, record={"image": settings["image"]})
+            kwargs["image"], record["image"] = None, settings["image"]
         if cancel.is_set():  # pressed while the request waited in the queue
             raise Cancelled("cancelled before the run started")
-        for ev in stream(self.pipe, settings["prompt"], {**kwargs, "resume": resume}, cancel):
+        yield from self.use(Adapters.of(settings))
+        try:  # the CLI's condition image: the picture, or its Canny edges at phase 1's size
+            cli.control(settings, kwargs, self.configs)
+        except cli.UserError as e:
+            raise RequestError("control_image", str(e)) from None
+        for ev in stream(self.pipe, settings["prompt"], {**kwargs, "resume": resume, "record": record}, cancel):
             if isinstance(ev, Step):
                 yield ev
                 continue
@@ -366,11 +550,63 @@ class Studio:
             save_latents(latent_path(path), ev.saved())
             yield Finished(ev.scale, path, latent_path(path), ev.image.size, ev.stats.get("seconds"), ev.settings)
 
-    def _keep_picture(self, picture: Path, out: Path) -> Path:
-        """The dropped-in picture beside the run's images, so its metadata names a file that stays."""
-        kept = out.with_name(f"{out.stem}.input{picture.suffix.lower() or '.png'}")
+    def use(self, want: Adapters) -> Iterator[Loading]:
+        """Make `pipe` the checkpoint with `want`, loading it when another set is loaded. The loaded pipeline
+        is let go first, so that memory holds one model at a time; if `want` fails to load, the set before it
+        is loaded again and LoadError says both."""
+        if want == self.loaded:
+            return
+        yield Loading(want.describe())
+        previous, self.pipe, self.loaded = self.loaded, None, None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        try:
+            self.pipe, self.loaded = self._load(want), want
+        except Exception as e:
+            if previous is None:
+                raise
+            log.error("loading %s failed", want.describe(), exc_info=e)
+            try:
+                self.pipe, self.loaded = self._load(previous), previous
+            except Exception as again:
+                raise LoadError(f"{_why(e)}; loading the set before it again failed too: {_why(again)}") from again
+            raise LoadError(f"{_why(e)}; loaded {previous.describe()} again") from None
+
+    def _load(self, want: Adapters) -> Pipeline:
+        pipe = load(self.weights, device=self.device, dtype=self.dtype, loras=list(want.lora), vae=want.vae,
+                    embeddings=list(want.embedding), controlnet=list(want.controlnet))
+        pipe.model_info()  # the new files hashed now, as at start, not in the middle of the first scale
+        return pipe
+
+    def _keep_picture(self, picture: Path, out: Path, role: str) -> Path:
+        """A dropped-in picture beside the run's images (NNNNN-<seed>.input.png, .control.png), so that their
+        metadata names a file that stays."""
+        kept = out.with_name(f"{out.stem}.{role}{picture.suffix.lower() or '.png'}")
         shutil.copyfile(picture, kept)
         return kept.resolve()
+
+
+def _checked(field: str, check: Callable, *args):
+    """check(*args), its error as the RequestError of `field`, in one line."""
+    try:
+        return check(*args)
+    except (CheckpointError, ValueError, ImportError) as e:
+        raise RequestError(field, _why(e)) from None
+
+
+def _why(e: BaseException) -> str:
+    if is_out_of_memory(e):
+        return "out of memory"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def embeddings_html(studio: Studio) -> str:
+    """The words the folder's embeddings add to prompts, and the files skipped, in small print."""
+    words = ", ".join(f"<code>{html.escape(Path(p).stem)}</code>" for p in studio.embeddings) or "none"
+    text = f"Embeddings in {html.escape(_shown(studio.folders.embedding))}/, words for the prompts: {words}"
+    text += "".join(f"<br>skipped {html.escape(line)}" for line in studio.skipped)
+    return f'<div class="mf-small">{text}</div>'
 
 
 def build_app(studio: Studio):
@@ -379,14 +615,15 @@ def build_app(studio: Studio):
     import gradio as gr
     from gradio import FileData
 
-    pipe, base = studio.pipe, studio.base
+    base, folders = studio.base, studio.folders
     presets = size_presets(base)
     default_preset = next(iter(presets))
     with gr.Blocks(title="minifusion", delete_cache=(86400, 86400)) as demo:
         token = gr.State()  # one per page load (set by demo.load below): whose run the cancel button stops
         last = gr.State(None)  # the last finished scale: {"latents", "gallery", "before"}
-        gr.Markdown(f"## minifusion · DemoFusion on SDXL\n{studio.weights.name} on {pipe.device} "
-                    f"({str(pipe.dtype).replace('torch.', '')}), base size {base} px; images go to "
+        picked = gr.State([])  # the LoRAs the weight sliders are showing, in order
+        gr.Markdown(f"## minifusion · DemoFusion on SDXL\n{studio.weights.name} on {studio.device} "
+                    f"({str(studio.dtype).replace('torch.', '')}), base size {base} px; images go to "
                     f"`{_shown(studio.outputs)}`")
         if studio.is_tiny:
             gr.Markdown(TINY_NOTICE, elem_id="tiny-notice")
@@ -411,8 +648,10 @@ def build_app(studio: Studio):
                     random_seed = gr.Checkbox(False, label="random seed", elem_id="random-seed")
                     scheduler = gr.Dropdown(list(SCHEDULERS), value="ddim", label="Scheduler", elem_id="scheduler")
                 with gr.Accordion("Image to image: upscale a picture", open=False, elem_id="img2img"):
+                    # image_mode None: the file as dropped, which open_image reads as the CLI does (Gradio's
+                    # default converts it to RGB first, dropping transparency to black instead of white)
                     image = gr.Image(type="filepath", label="Drop a picture: it replaces the base scale",
-                                     sources=["upload", "clipboard"], elem_id="image")
+                                     sources=["upload", "clipboard"], image_mode=None, elem_id="image")
                 with gr.Accordion("Advanced: DemoFusion's knobs", open=False, elem_id="advanced"):
                     with gr.Row():
                         view_batch = gr.Number(0, label="View batch (0: 16, or the most the budget allows)",
@@ -429,9 +668,40 @@ def build_app(studio: Studio):
                         jitter = gr.Checkbox(True, label="window jitter", elem_id="jitter")
                         max_memory = gr.Textbox(label="Memory budget (e.g. 8GiB; blank: none)",
                                                 elem_id="max-memory")
-                # Still to come here: the LoRA picker (weights/loras/) and the VAE choice, which are load-time
-                # (Studio reloads the pipeline when they change), and the ControlNet's control image with its
-                # Canny preview, a `control_image` entry in `fields` (metadata.SETTINGS names it)
+                loras, vaes, nets = (folders.entries(k) for k in ("lora", "vae", "controlnet"))
+                with gr.Accordion("LoRA, VAE, embeddings", open=bool(loras or vaes), elem_id="models"):
+                    lora = gr.Dropdown(loras, value=[], multiselect=True, max_choices=MAX_LORAS,
+                                       label="LoRAs, a weight each", info=f"in {_shown(folders.lora)}/; merged into "
+                                       "the weights: a change loads the checkpoint again at the next run",
+                                       elem_id="lora")
+                    with gr.Row():
+                        lora_weights = [gr.Slider(-2, 2, value=1.0, step=0.05, visible=False, min_width=200,
+                                                  elem_id=f"lora-weight-{i}") for i in range(MAX_LORAS)]
+                    vae = gr.Dropdown([OWN_VAE, *vaes], value=OWN_VAE, label="VAE", info=f"in {_shown(folders.vae)}/",
+                                      elem_id="vae")
+                    with gr.Row(equal_height=True):
+                        embeddings = gr.HTML(embeddings_html(studio), elem_id="embeddings")
+                        rescan = gr.Button("↻ Rescan the folders", size="sm", scale=0, min_width=170,
+                                           elem_id="rescan")
+                with gr.Accordion("ControlNet", open=False, elem_id="control"):
+                    controlnet = gr.Dropdown([NO_CONTROLNET, *nets], value=NO_CONTROLNET, label="ControlNet",
+                                             info=f"in {_shown(folders.controlnet)}/", elem_id="controlnet")
+                    with gr.Row():
+                        control_image = gr.Image(type="filepath", label="Control image", height=260, image_mode=None,
+                                                 sources=["upload", "clipboard"], elem_id="control-image")
+                        canny_preview = gr.Image(label="Canny edges", interactive=False, visible=False, height=260,
+                                                 format="png", elem_id="canny-preview")
+                    with gr.Row():
+                        use_canny = gr.Checkbox(False, label="Canny edges of the control image",
+                                                info="thresholds 100/200, at phase 1's size: what the ControlNet "
+                                                "gets", elem_id="canny")
+                        guess_mode = gr.Checkbox(False, label="guess mode", elem_id="guess-mode")
+                    control_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Control scale",
+                                              elem_id="control-scale")
+                    with gr.Row():
+                        control_start = gr.Slider(0, 1, value=0.0, step=0.05, label="Start (of each scale's steps)",
+                                                  elem_id="control-start")
+                        control_end = gr.Slider(0, 1, value=1.0, step=0.05, label="End", elem_id="control-end")
                 with gr.Row():
                     run_button = gr.Button("Generate", variant="primary", elem_id="generate")
                     cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -450,7 +720,11 @@ def build_app(studio: Studio):
         fields = {"prompt": prompt, "negative": negative, "width": width, "height": height, "steps": steps,
                   "guidance": guidance, "seed": seed, "random_seed": random_seed, "scheduler": scheduler,
                   "image": image, "view_batch": view_batch, "stride": stride, "c1": c1, "c2": c2, "c3": c3,
-                  "sigma": sigma, "tiled_decode": tiled_decode, "jitter": jitter, "max_memory": max_memory}
+                  "sigma": sigma, "tiled_decode": tiled_decode, "jitter": jitter, "max_memory": max_memory,
+                  "lora": lora, **{f"lora_weight_{i}": w for i, w in enumerate(lora_weights)}, "vae": vae,
+                  "controlnet": controlnet, "control_image": control_image, "canny": use_canny,
+                  "control_scale": control_scale, "control_start": control_start, "control_end": control_end,
+                  "guess_mode": guess_mode}
         outputs = [status, progress, gallery, slider, download, seed, last]
 
         def validations(error: RequestError | None, names) -> list:
@@ -459,9 +733,19 @@ def build_app(studio: Studio):
                 return error is not None and (error.field == name or error.field == "size" and name in SIZE)
             return [gr.validate(not about(n), str(error) if about(n) else "") for n in names]
 
+        def request(values) -> dict:
+            """The page's values as the API takes them: the LoRAs (name, weight) in the order picked, no VAE
+            for the checkpoint's own, the control image and Canny only with a ControlNet."""
+            values = dict(zip(fields, values))
+            values["lora"] = [(name, values[f"lora_weight_{i}"]) for i, name in enumerate(values["lora"] or [])]
+            values["vae"] = None if values["vae"] == OWN_VAE else values["vae"]
+            if values["controlnet"] == NO_CONTROLNET:
+                values.update(controlnet=None, control_image=None, canny=False)
+            return values
+
         def validate(token, *values):
             try:
-                studio.settings(dict(zip(fields, values)))
+                studio.settings(request(values))
             except RequestError as e:
                 return validations(e, ["token", *fields])
             return validations(None, ["token", *fields])
@@ -469,11 +753,20 @@ def build_app(studio: Studio):
         def show(events: Iterator, progress_of: RunProgress, settings: dict, shown: list, before: str | None):
             """Page updates from a run's events: every step moves its bar, every finished scale joins the
             gallery, the slider and the download; the last line says how it ended."""
-            final = None
-            yield {status: status_html(f"running: {settings['width']}x{settings['height']}, seed {settings['seed']}"),
-                   progress: progress_of.html(), gallery: list(shown), seed: settings["seed"]}
+            final, loading, loaded = None, None, ""
+            running = status_html(f"running: {settings['width']}x{settings['height']}, seed {settings['seed']}")
+            yield {status: running, progress: progress_of.html(), gallery: list(shown), seed: settings["seed"]}
             try:
                 for ev in events:
+                    if isinstance(ev, Loading):
+                        loading = (ev.what, time.perf_counter())
+                        yield {status: status_html(f"loading: {ev.what}")}
+                        continue
+                    if loading is not None:  # loaded: the run's clock, which the ETA reads, starts now
+                        progress_of.started = time.perf_counter()
+                        loaded = f" (after loading {loading[0]} in {_duration(progress_of.started - loading[1])})"
+                        loading = None
+                        yield {status: running}
                     if isinstance(ev, Step):
                         progress_of.step(ev)
                         yield {progress: progress_of.html()}
@@ -485,7 +778,7 @@ def build_app(studio: Studio):
                     yield {progress: progress_of.html(), gallery: list(shown), slider: (before, str(ev.png)),
                            download: str(ev.png), last: kept}
                 line = status_html(f"done: {final.size[0]}x{final.size[1]} in "
-                                   f"{_duration(time.perf_counter() - progress_of.started)}, saved as "
+                                   f"{_duration(time.perf_counter() - progress_of.started)}{loaded}, saved as "
                                    f"{final.png.name}", "done")
             except Cancelled as e:
                 line = status_html(f"{e}; kept {len(shown)} finished scale(s)" if shown else str(e))
@@ -495,7 +788,7 @@ def build_app(studio: Studio):
             yield {status: line, progress: progress_of.html()}
 
         def page_generate(token, *values):
-            values = dict(zip(fields, values))
+            values = request(values)
             settings = studio.settings(values)
             if values["random_seed"]:
                 settings["seed"] = None
@@ -514,7 +807,8 @@ def build_app(studio: Studio):
 
         def page_continue(token, last, width, height):
             saved = studio.resume(last["latents"], height, width)
-            settings = {k: v for k, v in saved.settings.items() if k in metadata.SETTINGS}
+            # its own settings, LoRAs, VAE, ... and control image included: the pipeline reloads if need be
+            settings = settings_from(saved.settings, base, studio.window)
             settings.update(height=int(height), width=int(width))
             yield from show(studio.run(settings, studio.switch(token), saved),
                             studio.progress(settings, saved.scale + 1), settings, list(last["gallery"]),
@@ -540,6 +834,47 @@ def build_app(studio: Studio):
             h, w = base_scale_size(picture.width, picture.height, base).final
             return w, h, "custom"
 
+        def pick_loras(names, before, *weights):
+            """One weight slider per picked LoRA, in the order picked; a LoRA keeps its weight while others
+            come and go."""
+            names = names or []
+            kept = dict(zip(before, weights))
+            return [gr.Slider(visible=True, label=f"{names[i]} weight", value=kept.get(names[i], 1.0))
+                    if i < len(names) else gr.Slider(visible=False) for i in range(MAX_LORAS)] + [list(names)]
+
+        def rescan_folders(names, vae_name, net):
+            """The folders read again: the dropdowns list what is there now (a choice whose file is gone
+            falls back to none), and the embeddings are checked again."""
+            studio.rescan()
+            loras, vaes, nets = (folders.entries(k) for k in ("lora", "vae", "controlnet"))
+            return (gr.Dropdown(choices=loras, value=[n for n in names or [] if n in loras]),
+                    gr.Dropdown(choices=[OWN_VAE, *vaes], value=vae_name if vae_name in vaes else OWN_VAE),
+                    gr.Dropdown(choices=[NO_CONTROLNET, *nets], value=net if net in nets else NO_CONTROLNET),
+                    embeddings_html(studio))
+
+        def preview_canny(path, on, width, height):
+            """The edges the ControlNet will see: the CLI's --canny at phase 1's size for the size asked for
+            (kept as it is while that size is not a valid one)."""
+            if not (path and on):
+                return gr.Image(value=None, visible=False)
+            try:
+                check_request(base, studio.window, int(height), int(width), stride=studio.window // 2)
+            except (ValueError, TypeError):
+                return gr.skip()
+            size = phase1_condition_size(int(height), int(width), base)
+            try:
+                edges = canny(path, size)
+            except (ValueError, ImportError) as e:  # ImageError included
+                return gr.Image(value=None, visible=True, label=f"Canny edges: {_why(e)}")
+            return gr.Image(value=edges, visible=True, label=f"Canny edges, {size[1]}×{size[0]}")
+
+        lora.change(pick_loras, [lora, picked, *lora_weights], [*lora_weights, picked], queue=False,
+                    api_visibility="private")
+        rescan.click(rescan_folders, [lora, vae, controlnet], [lora, vae, controlnet, embeddings], queue=False,
+                     api_visibility="private")
+        gr.on([control_image.change, use_canny.change, width.change, height.change], preview_canny,
+              [control_image, use_canny, width, height], canny_preview, queue=False, show_progress="hidden",
+              api_visibility="private")
         preset.change(pick_preset, preset, [width, height], queue=False, api_visibility="private")
         gr.on([width.input, height.input], lambda: "custom", None, preset, queue=False, api_visibility="private")
         image.change(size_of_picture, image, [width, height, preset], queue=False, api_visibility="private")
@@ -557,13 +892,24 @@ def build_app(studio: Studio):
                          steps: int = 50, guidance: float = 7.5, seed: int | None = None, scheduler: str = "ddim",
                          view_batch: int | None = None, stride: int | None = None, c1: float = 3.0, c2: float = 1.0,
                          c3: float = 1.0, sigma: float = 0.8, tiled_decode: bool = True, jitter: bool = True,
-                         max_memory: str | None = None, image: FileData | None = None) -> tuple[list[FileData], dict]:
+                         max_memory: str | None = None, image: FileData | None = None,
+                         lora: list[str] | None = None, vae: str | None = None, controlnet: str | None = None,
+                         control_image: FileData | None = None, canny: bool = False, control_scale: float = 1.0,
+                         control_start: float = 0.0, control_end: float = 1.0, guess_mode: bool = False
+                         ) -> tuple[list[FileData], dict]:
             """Generate: the PNG of every scale (base scale first, each with the settings in its metadata) and a
             summary (the settings used; per scale its size, seconds and latents file). Arguments as the CLI's
             flags: width/height default to 2 x the base size, seed None or -1 draws one, image upscales a
-            picture (gradio_client.handle_file)."""
+            picture (gradio_client.handle_file); lora ["NAME:WEIGHT", ...], vae and controlnet by their names
+            in the app's folders (as the page lists them), control_image the ControlNet's picture, canny its
+            edges."""
             values = dict(locals())
-            values["image"] = FileData.model_validate(image).path if image is not None else None
+            for name in ("image", "control_image"):
+                values[name] = FileData.model_validate(values[name]).path if values[name] is not None else None
+            try:
+                values["lora"] = [parse_spec(spec) for spec in lora or []]
+            except ValueError as e:
+                raise gr.Error(str(e), print_exception=False) from None
             try:
                 settings = studio.settings(values)
             except RequestError as e:
@@ -591,6 +937,7 @@ CSS = """
 .mf-scale .mf-name { min-width: 11em; }
 .mf-scale progress { flex: 1; height: 12px; }
 .mf-scale .mf-state { width: 11em; text-align: right; }
+.mf-small { font-size: 0.85em; opacity: 0.8; }
 """
 
 
@@ -604,6 +951,11 @@ def parse_args(argv):
     ap.add_argument("--port", type=int, default=7860, help="default 7860")
     ap.add_argument("--outputs", type=Path, default=Path("outputs"),
                     help="folder for every file the UI writes (default: outputs/)")
+    for kind, flags in (("lora", ("--lora-dir", "--loras")), ("vae", ("--vae-dir",)),
+                        ("embedding", ("--embeddings-dir",)), ("controlnet", ("--controlnet-dir",))):
+        ap.add_argument(*flags, dest=f"{kind}_dir", type=Path, metavar="DIR",
+                        help=f"the {WHAT[kind]} files to offer (default: {FOLDERS[kind]}/ inside the weights folder, "
+                        "or next to the checkpoint file)" + (", each loaded at start" if kind == "embedding" else ""))
     ap.add_argument("--device", help="cuda, mps or cpu (default: the first available)")
     ap.add_argument("--dtype", choices=list(cli.DTYPES),
                     help="default: float16 on GPUs; on CPUs bfloat16 where the CPU has it in hardware, else float32")
@@ -627,7 +979,11 @@ def main(argv=None) -> int:
     try:
         device = cli.resolve_device(args.device)
         dtype = cli.DTYPES[args.dtype] if args.dtype else default_dtype(device)
-        pipe = load(args.weights, device=device, dtype=dtype)
+        folders = Folders.beside(args.weights, **{k: getattr(args, f"{k}_dir") for k in FOLDERS})
+        embeddings, skipped = folders.embeddings(inspect_checkpoint(args.weights), Tokenizer().encode)
+        for line in skipped:
+            log.warning("embedding skipped: %s", line)
+        pipe = load(args.weights, device=device, dtype=dtype, embeddings=embeddings)
         pipe.model_info()  # hashes the weights for the images' metadata now, not before the first image
         outputs.mkdir(parents=True, exist_ok=True)
     except (cli.UserError, CheckpointError) as e:
@@ -639,7 +995,7 @@ def main(argv=None) -> int:
     # Gradio keeps uploads and copies of the files it serves under GRADIO_TEMP_DIR, read when it is imported
     os.environ["GRADIO_TEMP_DIR"] = str(outputs / ".gradio")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    studio = Studio(pipe, args.weights, outputs)
+    studio = Studio(pipe, args.weights, outputs, folders, skipped)
     print(f"loaded {args.weights} on {device} ({str(dtype).replace('torch.', '')}) in "
           f"{time.perf_counter() - started:.1f} s" + ("; the tiny random model: its images are noise"
                                                       if studio.is_tiny else ""), file=sys.stderr)

@@ -3,18 +3,14 @@
 back. (The numerics of each are proven against diffusers/peft in their own test files.)"""
 import json
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from helpers import write_adapters
 from minifusion import __main__ as cli
-from minifusion.checkpoint import single_file_tables
-from minifusion.keyops import to_source
 from minifusion.metadata import parse_a1111
-from minifusion.models.controlnet import ControlNet, ControlNetConfig, diffusers_keys
-from minifusion.tiny import TINY, random_models, randomize
 
 FAST = ["--steps", "1", "--dtype", "float32", "--device", "cpu", "--seed", "0", "--height", "512", "--width", "512"]
 
@@ -33,24 +29,8 @@ def meta(png):
 def adapters(tmp_path_factory):
     """A kohya LoRA on one attention projection, another random VAE, an embedding and a ControlNet picture."""
     d = tmp_path_factory.mktemp("adapters")
-    g = torch.Generator().manual_seed(11)
-    # lora_unet_ + the module path with "_" for "." (kohya's naming of our SDXL module names)
-    save_file({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.randn(4, 64, generator=g),
-               "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.randn(64, 4, generator=g),
-               "lora_unet_input_blocks_4_1_proj_in.alpha": torch.tensor(4.0)}, str(d / "style.safetensors"))
-    models = random_models(TINY, seed=5)
-    vae = to_source(models["vae"].state_dict(), single_file_tables(TINY, models)["vae"])
-    save_file({k[len("first_stage_model."):]: v for k, v in vae.items()}, str(d / "other_vae.safetensors"))
-    save_file({"clip_l": torch.randn(2, 64, generator=g), "clip_g": torch.randn(2, 128, generator=g)},
-              str(d / "neggy.safetensors"))
-    cfg = ControlNetConfig(TINY.unet, (False, True, True), hint_channels=(4, 8, 8, 16))
-    net = randomize(ControlNet(cfg), torch.Generator().manual_seed(6))
-    (d / "cn").mkdir()
-    (d / "cn" / "config.json").write_text(json.dumps(cfg.to_diffusers_config()))
-    save_file(to_source(net.state_dict(), diffusers_keys(cfg)), str(d / "cn" / "diffusion_pytorch_model.safetensors"))
-    picture = np.zeros((256, 256, 3), dtype=np.uint8)
-    picture[64:192, 64:192] = 255
-    Image.fromarray(picture).save(d / "square.png")
+    write_adapters(d / "style.safetensors", d / "other_vae.safetensors", d / "neggy.safetensors", d / "cn",
+                   d / "square.png")
     return d
 
 

@@ -1,10 +1,13 @@
 """The web UI (minifusion.ui) in a real browser: the app on the tiny random model in a subprocess, driven by
 headless Chromium (Debian's chromium + chromium-driver, through Selenium), plus its /generate endpoint through
-gradio_client and the UI's pure parts (presets, validation, resume checks, ETA) on their own.
+gradio_client and the UI's pure parts (presets, validation, resume checks, ETA, the adapter folders, reloading)
+on their own.
 
 The browser tests share one app and one page and run in file order (the continue test continues the first
-run). On a failure the page's screenshot and HTML go to that test's tmp dir, and the app's log is printed.
-MINIFUSION_UI_SCREENSHOT=docs/ui.png also saves the page there once the continued run is done (the README's).
+run). The app's weights folder holds what users load beside the checkpoint (tests/helpers.write_adapters):
+loras/, vae/, embeddings/, controlnet/. On a failure the page's screenshot and HTML go to that test's tmp dir,
+and the app's log is printed. MINIFUSION_UI_SCREENSHOT=docs/ui.png also saves the page there once the run with
+LoRA, VAE and ControlNet is done (the README's).
 """
 import json
 import os
@@ -20,9 +23,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from gradio_client import Client
+from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from helpers import write_adapters
 from PIL import Image
+from safetensors.torch import save_file
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -30,7 +35,7 @@ from selenium.webdriver.common.keys import Keys
 
 from minifusion import ui
 from minifusion.files import SavedScale, load_latents
-from minifusion.metadata import CLI_SETTINGS
+from minifusion.metadata import parse_a1111
 from minifusion.pipeline import check_request
 from minifusion.tiny import TINY, random_models, write_single_file
 
@@ -102,7 +107,8 @@ def test_settings_are_the_clis_with_its_defaults():
                  "seed": None, "scheduler": "ddim", "stride": 16, "view_batch": None, "c1": 3.0, "c2": 1.0,
                  "c3": 1.0, "sigma": 0.8, "tiled_decode": True, "jitter": True, "image": None,
                  "max_memory": 3 * 2**29, "control_image": None, "control_scale": 1.0, "control_start": 0.0,
-                 "control_end": 1.0, "guess_mode": False}
+                 "control_end": 1.0, "guess_mode": False, "lora": [], "vae": None, "embedding": [],
+                 "controlnet": [], "canny": False}
     ui.check(s, BASE, WINDOW)
 
 
@@ -170,6 +176,96 @@ def test_only_loopback_addresses_stay_off_the_network():
     assert all(map(ui.reachable_from_network, ["0.0.0.0", "::", "192.168.1.5", "myhost.local"]))
 
 
+def test_the_folders_beside_the_checkpoint_list_what_there_is_to_pick(tmp_path):
+    weights = tmp_path / "sdxl.safetensors"
+    weights.touch()
+    for name in ("loras/a.safetensors", "loras/styles/B.safetensors", "loras/.hidden.safetensors", "loras/notes.txt",
+                 "vae/fix.safetensors", "vae/fp16-fix/config.json"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).touch()
+    folders = ui.Folders.beside(weights)
+    assert folders.lora == tmp_path / "loras" and folders.controlnet == tmp_path / "controlnet"
+    assert folders.entries("lora") == ["a.safetensors", "styles/B.safetensors"]
+    assert folders.entries("vae") == ["fix.safetensors", "fp16-fix"]
+    assert folders.entries("controlnet") == []  # no such folder
+    assert folders.path("lora", "styles/B.safetensors") == str(tmp_path / "loras" / "styles" / "B.safetensors")
+    for name, message in (("../sdxl.safetensors", "not in the LoRA folder"), (str(weights), "not in the LoRA folder"),
+                          ("c.safetensors", "no such LoRA in")):
+        with pytest.raises(ui.RequestError, match=message) as err:
+            folders.path("lora", name)
+        assert err.value.field == "lora"
+    # a diffusers checkpoint's vae/ is its own VAE, not a list of them
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "vae" / "config.json").touch()
+    assert ui.Folders.beside(tmp_path).entries("vae") == ["fp16-fix"]
+    assert ui.Folders.beside(tmp_path, lora=tmp_path / "vae").lora == tmp_path / "vae"
+
+
+def test_embeddings_that_do_not_load_are_skipped_with_a_line_each(tmp_path, tiny_pipe):
+    folder = tmp_path / "embeddings"
+    (folder / "x").mkdir(parents=True)
+    vectors = {"clip_l": torch.zeros(2, 64), "clip_g": torch.zeros(2, 128)}
+    save_file(vectors, str(folder / "neggy.safetensors"))
+    save_file(vectors, str(folder / "x" / "Neggy.safetensors"))  # the same word: prompts are lowercased
+    save_file({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(2, 1280)}, str(folder / "full_size.safetensors"))
+    (folder / "old.pt").write_bytes(b"pickle")
+    usable, skipped = ui.Folders.beside(tmp_path).embeddings(TINY, tiny_pipe.tokenizer.encode)
+    assert usable == [str(folder / "neggy.safetensors")]
+    assert len(skipped) == 3 and all("\n" not in line for line in skipped)
+    assert "full_size.safetensors: clip_l is 2 x 768, not n x 64" in skipped[0]
+    assert "old.pt: a pickled embedding" in skipped[1]
+    assert "x/Neggy.safetensors: the same word as neggy.safetensors" in skipped[2]
+
+
+def test_another_set_loads_the_pipeline_again_and_one_that_fails_leaves_the_one_before(tmp_path, tiny_pipe,
+                                                                                   monkeypatch):
+    """A reload lets the loaded pipeline go first; when the new set fails, the set before it is loaded again."""
+    loaded = []
+
+    class Loaded:
+        def model_info(self):
+            return {}
+
+    def fake_load(path, device, dtype, loras, vae, embeddings, controlnet):
+        loaded.append((loras, vae))
+        if vae == "broken.safetensors":
+            raise ui.CheckpointError("broken.safetensors: truncated\nmore")
+        return Loaded()
+
+    monkeypatch.setattr(ui, "load", fake_load)
+    studio = ui.Studio(tiny_pipe, Path("tiny.safetensors"), tmp_path)
+    assert studio.loaded == ui.Adapters() and list(studio.use(ui.Adapters())) == [] and studio.pipe is tiny_pipe
+    styled = ui.Adapters(lora=(("/w/loras/style.safetensors", 0.7),), controlnet=("/w/controlnet/cn",))
+    assert list(studio.use(styled)) == [ui.Loading("LoRA style.safetensors at 0.7, ControlNet cn")]
+    assert isinstance(studio.pipe, Loaded) and studio.loaded == styled
+    with pytest.raises(ui.LoadError, match=r"^broken.safetensors: truncated; loaded LoRA style.safetensors at 0.7, "
+                       r"ControlNet cn again$"):
+        list(studio.use(ui.Adapters(vae="broken.safetensors")))
+    assert studio.loaded == styled and isinstance(studio.pipe, Loaded)
+    assert loaded == [([("/w/loras/style.safetensors", 0.7)], None), ([], "broken.safetensors"),
+                      ([("/w/loras/style.safetensors", 0.7)], None)]
+
+
+def test_a_control_image_goes_with_a_controlnet_and_a_broken_vae_is_one_line(tmp_path, tiny_pipe):
+    (tmp_path / "controlnet" / "cn").mkdir(parents=True)
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    Image.new("RGB", (64, 64)).save(tmp_path / "edges.png")
+    studio = ui.Studio(tiny_pipe, tmp_path, tmp_path)
+    fox = {"prompt": "a fox", "height": 256, "width": 512}
+    for values, field, message in (
+            ({"controlnet": "cn"}, "control_image", "the ControlNet cn needs a control image"),
+            ({"control_image": str(tmp_path / "edges.png")}, "controlnet", "a control image steers a ControlNet"),
+            ({"controlnet": "cn", "control_image": str(tmp_path / "edges.png"), "control_start": 0.5,
+              "control_end": 0.5}, "control_end", "from 0.5 to 0.5 of each scale's steps; it needs 0 <= start < end"),
+            ({"controlnet": "cn", "control_image": str(tmp_path / "edges.png")}, "controlnet", "cn: no ControlNet"),
+            ({"lora": [("style.safetensors", 1.0)]}, "lora", "style.safetensors: no such LoRA in"),
+            ({"vae": "broken.safetensors"}, "vae", "broken.safetensors: ")):
+        with pytest.raises(ui.RequestError, match=message) as err:
+            studio.settings({**fox, **values})
+        assert err.value.field == field and "\n" not in str(err.value)
+
+
 # ----------------------------------------------------------------------------------------------- the app
 
 def free_port() -> int:
@@ -178,18 +274,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cli_run(env, out: Path, *flags) -> subprocess.Popen:
+    """The CLI making `out` in the background (the settings of the page's runs by default)."""
+    out.parent.mkdir(exist_ok=True)
+    return subprocess.Popen([sys.executable, "-m", "minifusion", "a red fox", "--out", str(out), "--width", "512",
+                             "--height", "256", "--steps", "2", "--seed", "7", "--device", "cpu", "--dtype", "float32",
+                             *map(str, flags)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> None:
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+
+
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    """The UI on the tiny model in a subprocess whose working, temporary and home folders are empty, so that
-    the last test can see whether anything was written outside the output folder."""
+    """The UI on the tiny model in a subprocess whose working, temporary and home folders are empty but for its
+    weights/ (as a user keeps it, in the working folder), so that the last test can see whether anything was
+    written outside the output folder. weights/ holds a LoRA, a second VAE, an embedding and a ControlNet where
+    the UI looks for them; the control picture lies outside it."""
     root = tmp_path_factory.mktemp("ui")
-    weights = write_single_file(random_models(TINY, seed=0), TINY, root / "tiny_sdxl.safetensors")
     work, tmp, home = root / "work", root / "tmp", root / "home"
     for d in (work, tmp, home):
         d.mkdir()
+    folder = work / "weights"
+    for sub in ("loras", "vae", "embeddings", "controlnet"):
+        (folder / sub).mkdir(parents=True)
+    weights = write_single_file(random_models(TINY, seed=0), TINY, folder / "tiny_sdxl.safetensors")
+    adapters = {"lora": folder / "loras" / "style.safetensors", "vae": folder / "vae" / "other_vae.safetensors",
+                "embedding": folder / "embeddings" / "neggy.safetensors", "controlnet": folder / "controlnet" / "cn",
+                "picture": root / "square.png"}
+    write_adapters(*adapters.values())
+    given = sorted(p for p in folder.rglob("*") if p.is_file())
     port = free_port()
     log = root / "app.log"
-    # one torch thread each: the app and the CLI's reference run side by side, and on busy cores a thread
+    # one torch thread each: the app and the CLI's reference runs side by side, and on busy cores a thread
     # waiting at an OpenMP barrier for a descheduled one stalls a whole step
     env = {**os.environ, "TMPDIR": str(tmp), "HOME": str(home), "OMP_NUM_THREADS": "1"}
     env.pop("GRADIO_TEMP_DIR", None)
@@ -208,16 +327,20 @@ def app(tmp_path_factory):
             return False
 
     try:
-        # while the app starts: the CLI's picture for the settings of the page's first run and of the API call
-        reference = root / "cli" / "fox.png"
-        reference.parent.mkdir()
-        done = subprocess.run([sys.executable, "-m", "minifusion", "a red fox", "--weights", str(weights), "--out",
-                               str(reference), "--width", "512", "--height", "256", "--steps", "2", "--seed", "7",
-                               "--device", "cpu", "--dtype", "float32"], env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
+        # while the app starts: the CLI's pictures for the settings of the page's first run and of its run with
+        # LoRA, VAE and ControlNet (the embedding loads in both, as the app loads it at start)
+        reference, adapted = root / "cli" / "fox.png", root / "cli" / "adapted.png"
+        runs = [cli_run(env, reference, "--weights", weights, "--embedding", adapters["embedding"]),
+                cli_run(env, adapted, "--weights", weights, "--embedding", adapters["embedding"], "--negative", "neggy",
+                        "--lora", f"{adapters['lora']}:0.7", "--vae", adapters["vae"], "--controlnet",
+                        adapters["controlnet"], "--control-image", adapters["picture"], "--canny",
+                        "--control-scale", "0.8")]
+        for run in runs:
+            finish(run)
         wait_for(up, 90, "the app to serve", every=0.2)
         yield {"url": url, "proc": proc, "weights": weights, "root": root, "work": work, "outputs": work / "outputs",
-               "tmp": tmp, "home": home, "log": log, "cli_png": reference}
+               "tmp": tmp, "home": home, "log": log, "cli_png": reference, "cli_adapted": adapted, "env": env,
+               "given": given, **adapters}
     finally:
         proc.terminate()
         try:
@@ -278,6 +401,33 @@ def click(driver, elem_id: str) -> None:
     css(driver, f"#{elem_id}")[0].click()
 
 
+def choose(driver, elem_id: str, *names: str) -> None:
+    """Pick options of a dropdown (several, in order, in a multiselect) as a user clicks them."""
+    for name in names:
+        wait_for(lambda: css(driver, f"#{elem_id} input"), 10, f"#{elem_id}")[0].click()  # an accordion renders late
+        wait_for(lambda: css(driver, f'li[data-testid="dropdown-option"][aria-label="{name}"]'), 10,
+                 f"{name} offered at #{elem_id}")[0].click()
+    css(driver, "h2")[0].click()  # closes a multiselect's list
+
+
+def unpick(driver, elem_id: str, name: str) -> None:
+    css(driver, f"#{elem_id} .token")[[t.text for t in css(driver, f"#{elem_id} .token")].index(name)] \
+        .find_element(By.CSS_SELECTOR, ".token-remove").click()
+
+
+def slide(driver, elem_id: str, value: float) -> None:
+    """Type a slider's value into its number box, as a user does for an exact value."""
+    box = css(driver, f"#{elem_id} input[type=number]")[0]
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(str(value), Keys.TAB)
+
+
+def natural_size(driver, selector: str) -> tuple[int, int] | None:
+    found = css(driver, selector)
+    size = found and driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", found[0])
+    return tuple(size) if size and size[0] else None
+
+
 def gallery_sizes(driver) -> list[tuple[int, int]]:
     """The natural (decoded) sizes of the images the gallery shows, once each has loaded."""
     return [tuple(driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", im))
@@ -329,8 +479,7 @@ def test_a_run_streams_every_scale_and_downloads_the_png_with_the_clis_metadata(
     assert Image.open(png).text["parameters"].startswith("a red fox")
     # the CLI with the same settings draws the same picture
     assert pixels(app["cli_png"]) == pixels(png)
-    cli_settings = metadata(app["cli_png"])["settings"]
-    assert meta["settings"] == {k: v for k, v in cli_settings.items() if k not in CLI_SETTINGS}
+    assert meta["settings"] == metadata(app["cli_png"])["settings"]  # the embedding and `canny: false` included
 
 
 @needs_browser
@@ -345,13 +494,6 @@ def test_continue_to_a_larger_size_resumes_from_the_last_scale(page, app):
     assert wait_for(lambda: gallery_sizes(page) if (0, 0) not in gallery_sizes(page) else None, 10,
                     "the images to load") == [(256, 128), (512, 256), (768, 384)]
     assert "from the run continued" in text(page, '#progress [data-scale="2"]')
-    if target := os.environ.get("MINIFUSION_UI_SCREENSHOT"):
-        # the page down to its last component, the footer left out
-        bottom, chrome = page.execute_script("const r = document.querySelector('#download').getBoundingClientRect();"
-                                             "return [r.bottom + window.scrollY, outerHeight - innerHeight]")
-        page.set_window_size(1400, int(bottom + chrome) + 30)
-        page.save_screenshot(target)
-        page.set_window_size(1400, 1700)
     # only scale 3 was computed and written, under the next number
     assert sorted(set(app["outputs"].glob("*.png")) - before) == [app["outputs"] / "00002-7.png"]
     meta, first = metadata(app["outputs"] / "00002-7.png"), metadata(app["outputs"] / "00001-7.png")
@@ -417,12 +559,109 @@ def test_cancel_stops_the_run_after_the_current_step_and_keeps_the_finished_scal
 
 
 @needs_browser
+def test_loras_vae_and_controlnet_load_when_picked_and_the_png_reruns_in_the_cli(page, app):
+    """A LoRA that does not fit is refused at the picker in one line; then the LoRA at 0.7, the other VAE and
+    the ControlNet on the Canny edges of a picture (previewed at phase 1's size): the pipeline loads again with
+    them, the PNG records them as the CLI does, its pixels are the CLI's for the same flags, and
+    `minifusion --settings-from` makes the same PNG byte for byte."""
+    assert "<code>neggy</code>" in css(page, "#embeddings")[0].get_attribute("innerHTML")  # loaded at start
+    bad = app["lora"].with_name("bad.safetensors")  # proj_in is 64 wide, not 32
+    save_file({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(4, 32),
+               "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(64, 4)}, str(bad))
+    click(page, "rescan")
+    choose(page, "lora", "bad.safetensors", "style.safetensors")
+    assert [text(page, f"#lora-weight-{i} [data-testid=block-info]") for i in (0, 1)] == \
+        ["bad.safetensors weight", "style.safetensors weight"]
+    slide(page, "lora-weight-1", 0.7)
+    set_request(page)
+    fill(page, "negative", "neggy")  # the embedding's word
+    files, status = set(app["outputs"].iterdir()), text(page, "#status")
+    click(page, "generate")
+    error = wait_for(lambda: "does not fit this SDXL model" in text(page, "#lora") and text(page, "#lora"), 30,
+                     "the inline error at the LoRAs")
+    assert f"{bad}: does not fit this SDXL model; 1 misshapen" in error
+    assert set(app["outputs"].iterdir()) == files and text(page, "#status") == status  # nothing ran
+    css(page, "#lora .validation-error button[aria-label=Clear]")[0].click()  # read, dismissed
+    unpick(page, "lora", "bad.safetensors")
+    wait_for(lambda: text(page, "#lora-weight-0 [data-testid=block-info]") == "style.safetensors weight", 10,
+             "the weight slider to follow")
+    assert css(page, "#lora-weight-0 input[type=number]")[0].get_attribute("value") == "0.7"  # kept its weight
+    assert not css(page, "#lora-weight-1")  # hidden: one slider per picked LoRA
+    choose(page, "vae", "other_vae.safetensors")
+    css(page, "#control .label-wrap")[0].click()
+    choose(page, "controlnet", "cn")
+    wait_for(lambda: css(page, "#control-image input[type=file]"), 10, "the control image's upload")[0] \
+        .send_keys(str(app["picture"]))
+    wait_for(lambda: natural_size(page, "#control-image img"), 20, "the uploaded picture")  # the page settles
+    css(page, "#canny input")[0].click()
+    # phase 1 of a 512x256 run on the 256 px model is 256x128
+    assert wait_for(lambda: natural_size(page, "#canny-preview img"), 20, "the Canny preview") == (256, 128)
+    slide(page, "control-scale", 0.8)
+
+    click(page, "generate")
+    status = wait_for(lambda: finished(page) != status and finished(page), 120, "the run with LoRA, VAE and ControlNet")
+    assert status.startswith("done: 512x256 in ") and "(after loading LoRA style.safetensors at 0.7, VAE " \
+        "other_vae.safetensors, ControlNet cn, 1 embedding in " in status, status
+    png = app["outputs"] / status.split("saved as ")[1]
+    meta, cli_meta = metadata(png), metadata(app["cli_adapted"])
+    kept = png.with_name(png.name.replace(".png", ".control.png"))
+    assert meta["settings"] == {**cli_meta["settings"], "control_image": str(kept)}
+    assert {k: meta["settings"][k] for k in ("lora", "vae", "controlnet", "embedding", "canny", "control_scale")} == {
+        "lora": [[str(app["lora"]), 0.7]], "vae": str(app["vae"]), "controlnet": [str(app["controlnet"])],
+        "embedding": [str(app["embedding"])], "canny": True, "control_scale": 0.8}
+    assert pixels(kept) == pixels(app["picture"])  # the picture itself: the edges are made again from it
+    a1111 = parse_a1111(Image.open(png).text["parameters"])
+    assert a1111["Lora hashes"].startswith("style: ") and a1111["VAE"] == "other_vae.safetensors"
+    assert a1111["TI hashes"].startswith("neggy: ") and a1111["negative"] == "neggy"
+    assert pixels(png) == pixels(app["cli_adapted"])  # the CLI's picture for the same flags
+
+    if target := os.environ.get("MINIFUSION_UI_SCREENSHOT"):
+        css(page, "#advanced .label-wrap")[0].click()  # closed: the new controls in view
+        # the page down to its last component, the footer left out
+        bottom, chrome = page.execute_script(
+            "const b = [...document.querySelectorAll('#download, #continue')].map(e => e.getBoundingClientRect()"
+            ".bottom); return [Math.max(...b) + window.scrollY, outerHeight - innerHeight]")
+        page.set_window_size(1400, int(bottom + chrome) + 30)
+        page.execute_script("window.scrollTo(0, 0)")
+        page.save_screenshot(target)
+        page.set_window_size(1400, 1700)
+    again = app["root"] / "cli" / "again.png"
+    finish(subprocess.Popen([sys.executable, "-m", "minifusion", "--settings-from", str(png), "--out", str(again),
+                             "--device", "cpu", "--dtype", "float32"], env=app["env"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True))
+    assert again.read_bytes() == png.read_bytes()
+
+
+@needs_browser
+def test_the_generate_endpoint_takes_loras_vae_and_controlnet_by_their_names(app):
+    client = Client(app["url"], verbose=False, download_files=str(app["root"] / "client"))
+    adapted = dict(negative="neggy", width=512, height=256, lora=["style.safetensors:0.7"], vae="other_vae.safetensors",
+                   controlnet="cn", control_image=handle_file(str(app["picture"])), canny=True, control_scale=0.8,
+                   api_name="/generate", **FAST)
+    files, summary = client.predict("a red fox", **adapted)
+    assert pixels(Path(files[-1])) == pixels(app["cli_adapted"])
+    assert summary["settings"]["lora"] == [[str(app["lora"]), 0.7]] and summary["settings"]["canny"] is True
+    for lora, message in ((["bad.safetensors"], "bad.safetensors: does not fit this SDXL model"),
+                          (["../tiny_sdxl.safetensors:0.5"], "not in the LoRA folder"),
+                          (["style.safetensors:lots"], "no such LoRA")):
+        with pytest.raises(AppError, match=message):
+            client.predict("a red fox", **{**adapted, "lora": lora})
+    with pytest.raises(AppError, match="a control image steers a ControlNet"):
+        client.predict("a red fox", **{**adapted, "controlnet": None})
+
+
+@needs_browser
 def test_nothing_is_written_outside_the_output_folder(app):
     """Files, that is: torch leaves an empty $TMPDIR/torchinductor_<user> behind. Allowed outside: minifusion's
-    own caches in ~/.cache/minifusion (the weights' hashes, the memory model's measurements), the CLI's too."""
+    own caches in ~/.cache/minifusion (the weights' hashes, the memory model's measurements), the CLI's too,
+    and weights/ as the tests wrote it (the broken LoRA added)."""
     files = [p for d in ("work", "tmp", "home") for p in app[d].rglob("*") if p.is_file()]
     outside = [p for p in files if not p.is_relative_to(app["outputs"])]
-    assert [p for p in outside if not p.is_relative_to(app["home"] / ".cache" / "minifusion")] == []
+    weights = app["weights"].parent
+    assert [p for p in outside if not p.is_relative_to(app["home"] / ".cache" / "minifusion")
+            and not p.is_relative_to(weights)] == []
+    assert sorted(p for p in outside if p.is_relative_to(weights)) == sorted([*app["given"],
+                                                                              weights / "loras" / "bad.safetensors"])
     assert {p.name for p in app["outputs"].iterdir()} >= {"00001-7.png", "00001-7.x1.png", ".gradio"}
     log = app["log"].read_text()
     assert f"UI on {app['url']}" in log and "reachable from the network" not in log
