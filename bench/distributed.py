@@ -386,6 +386,7 @@ def worker(argv) -> int:
                                      for r in everyone}) == 1}
         args.json.write_text(json.dumps(out, indent=1))
     if world > 1:
+        dist.barrier()  # no rank leaves while another is inside the last collective (gloo aborts it then)
         dist.destroy_process_group()
     return 0
 

@@ -633,6 +633,10 @@ def run(argv=None) -> int:
         progress.close()
         raise UserError(f"{e} (kept {_listing(written)})") from None
     progress.close()
+    if view_parallel and world > 1:
+        # every rank past its last collective before any tears the group down: a rank leaving while another is
+        # still inside the last all_gather aborted it now and then (gloo: "terminate called ...")
+        torch.distributed.barrier()
     return 0
 
 

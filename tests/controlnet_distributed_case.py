@@ -53,6 +53,7 @@ def main(weights: str, controlnet: str, out: str) -> None:
     dist.all_gather_object(everyone, got)
     if dist.get_rank() == 0:
         torch.save(everyone, out)
+    dist.barrier()  # no rank leaves while another is inside the last collective (gloo aborts it then)
     dist.destroy_process_group()
 
 

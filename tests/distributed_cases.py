@@ -72,6 +72,7 @@ def main(weights: str, out: str) -> None:
     dist.all_gather_object(everyone, got)
     if rank == 0:
         torch.save(everyone, out)
+    dist.barrier()  # no rank leaves while another is inside the last collective (gloo aborts it then)
     dist.destroy_process_group()
 
 
