@@ -113,7 +113,7 @@ ROW = {"ranks", "seconds", "seconds_per_scale", "denoise_seconds", "seconds_per_
 
 
 def test_bench_distributed_mode_tiny(tmp_path):
-    cmd = [sys.executable, "-m", "bench", "--ranks", "1,2", "--steps", "1", "--height", "512", "--width", "512",
+    cmd = [sys.executable, "-m", "bench", "--ranks", "1,2", "--steps", "1", "--height", "512", "--width", "256",
            "--device", "cpu", "--dtype", "float32", "--warmup-steps", "0", "--predict-gpus", "", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]

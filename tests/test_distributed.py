@@ -46,7 +46,7 @@ def alone(tiny_pipe, one_thread):
     out["img2img"] = {b: tiny_pipe.generate("a fox", image=tiny_pipe.decode(latents), num_inference_steps=2, seed=2,
                                             view_batch_size=b) for b in (4, 2)}
     # out of memory on one rank halves the view batch, as it does in one process: the rest runs 1 view a call
-    out["oom"] = tiny_pipe.generate(**(cases.CASES["euler"] | {"view_batch_size": 1}))
+    out["oom"] = tiny_pipe.generate(**(cases.OOM | {"view_batch_size": 1}))
     return out
 
 
@@ -94,6 +94,8 @@ def test_images_of_rank_split_without_overlap():
 
 CLI = ["a red fox", "--height", "768", "--width", "512", "--steps", "2", "--seed", "3", "--view-batch", "3",
        "--device", "cpu", "--dtype", "float32"]
+# image parallel needs no large image, only more images than ranks: 2 scales, a quarter of CLI's pixels
+MANY = [*CLI, "--height", "512", "--width", "256", "--count", "3"]
 
 
 def files_of(folder: Path) -> dict[str, object]:
@@ -114,9 +116,9 @@ def cli_alone(tiny_file, tmp_path_factory):
     """One process's files: one image (view parallel's reference) and three (image parallel's)."""
     out = tmp_path_factory.mktemp("alone")
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    for name, extra in (("one", []), ("three", ["--count", "3"])):
+    for name, args in (("one", CLI), ("three", MANY)):
         (out / name).mkdir()
-        proc = subprocess.run([sys.executable, "-m", "minifusion", *CLI, *extra, "--weights", str(tiny_file),
+        proc = subprocess.run([sys.executable, "-m", "minifusion", *args, "--weights", str(tiny_file),
                                "--out", str(out / name / "fox.png")], capture_output=True, text=True, timeout=300,
                               env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -133,7 +135,7 @@ def test_torchrun_writes_the_files_one_process_writes(n, tiny_file, cli_alone, t
 
 
 def test_torchrun_splits_several_images_over_the_ranks(tiny_file, cli_alone, tmp_path):
-    proc = torchrun(2, "-m", "minifusion", *CLI, "--count", "3", "--weights", tiny_file, "--out", tmp_path / "fox.png")
+    proc = torchrun(2, "-m", "minifusion", *MANY, "--weights", tiny_file, "--out", tmp_path / "fox.png")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert files_of(tmp_path) == files_of(cli_alone / "three")
     assert "rank 1: wrote" in proc.stderr  # each rank writes its own images
