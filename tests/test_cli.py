@@ -15,6 +15,7 @@ from minifusion.metadata import parse_a1111
 from minifusion.pipeline import Pipeline
 
 FAST = ["--steps", "2", "--dtype", "float32", "--device", "cpu", "--seed", "0"]
+SMALL = ["--height", "512", "--width", "256"]  # 2 scales at half the pixels, where the size does not matter
 
 
 def run(capsys, *args):
@@ -352,7 +353,8 @@ def test_a_long_prompt_is_used_whole(tiny_file, tmp_path, capsys):
     # nothing is cut off any more (75-token chunks, minifusion.prompt): the last word changes the image
     images = []
     for last in ("zebra", "tiger"):
-        code, err = run(capsys, "red " * 80 + last, "--weights", tiny_file, "--out", tmp_path / f"{last}.png", *FAST)
+        code, err = run(capsys, "red " * 80 + last, "--weights", tiny_file, "--out", tmp_path / f"{last}.png",
+                        *FAST, *SMALL)
         assert code == 0 and "ignored" not in err and "warning" not in err, err
         images.append(Image.open(tmp_path / f"{last}.png").tobytes())
     assert images[0] != images[1]
@@ -413,30 +415,32 @@ def test_max_memory_too_small_is_refused_before_loading(tiny_file, tmp_path, cap
 def test_no_seed_draws_one_prints_it_and_records_it(tiny_file, tmp_path, capsys):
     out = tmp_path / "r.png"
     code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", out, "--steps", "1", "--device", "cpu",
-                    "--dtype", "float32")
+                    "--dtype", "float32", *SMALL)
     assert code == 0, err
     seed = settings_of(out)["settings"]["seed"]
     assert f"seed {seed} (drawn at random; --seed {seed} makes this image again)" in err
     again = tmp_path / "again.png"
     assert run(capsys, "a cat", "--weights", tiny_file, "--out", again, "--steps", "1", "--device", "cpu",
-               "--dtype", "float32", "--seed", str(seed))[0] == 0
+               "--dtype", "float32", "--seed", str(seed), *SMALL)[0] == 0
     assert again.read_bytes() == out.read_bytes()
     code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", tmp_path / "m.png", "--steps", "1",
-                    "--device", "cpu", "--dtype", "float32", "--seed", "-1")
+                    "--device", "cpu", "--dtype", "float32", "--seed", "-1", *SMALL)
     assert code == 0 and "drawn at random" in err
 
 
 def test_count_makes_consecutive_seeds_with_distinct_names(tiny_file, tmp_path, capsys):
     out = tmp_path / "cat.png"
-    code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", out, "--count", "2", *FAST, "--seed", "41")
+    code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", out, "--count", "2", *FAST, *SMALL,
+                    "--seed", "41")
     assert code == 0, err
     for i, seed in ((1, 41), (2, 42)):
         png = tmp_path / f"cat-{i:05d}-{seed}.png"
         assert settings_of(png)["settings"]["seed"] == seed and png.with_name(png.stem + ".x1.png").exists()
     single = tmp_path / "single.png"
-    assert run(capsys, "a cat", "--weights", tiny_file, "--out", single, *FAST, "--seed", "42")[0] == 0
+    assert run(capsys, "a cat", "--weights", tiny_file, "--out", single, *FAST, *SMALL, "--seed", "42")[0] == 0
     assert single.read_bytes() == (tmp_path / "cat-00002-42.png").read_bytes()  # the same image, byte for byte
-    code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", out, "--count", "2", *FAST, "--seed", "41")
+    code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", out, "--count", "2", *FAST, *SMALL,
+                    "--seed", "41")
     assert code == 2 and "cat-00001-41.x1.png exists; pass --overwrite" in err
 
 
@@ -444,8 +448,9 @@ def test_without_out_images_are_numbered_in_outputs(tiny_file, tmp_path, capsys,
     monkeypatch.chdir(tmp_path)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a fox\n\n  a cat  \n")
-    assert run(capsys, "--prompts", prompts, "--weights", tiny_file, *FAST, "--seed", "5")[0] == 0
-    assert run(capsys, "a dog", "--weights", tiny_file, *FAST, "--seed", "9")[0] == 0  # never refused, never replaced
+    assert run(capsys, "--prompts", prompts, "--weights", tiny_file, *FAST, *SMALL, "--seed", "5")[0] == 0
+    # never refused, never replaced
+    assert run(capsys, "a dog", "--weights", tiny_file, *FAST, *SMALL, "--seed", "9")[0] == 0
     finals = sorted(p.name for p in (tmp_path / "outputs").glob("*.png") if ".x" not in p.name)
     assert finals == ["00001-5.png", "00002-6.png", "00003-9.png"]
     assert [settings_of(tmp_path / "outputs" / f)["settings"]["prompt"] for f in finals] == ["a fox", "a cat", "a dog"]

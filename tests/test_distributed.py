@@ -92,7 +92,7 @@ def test_images_of_rank_split_without_overlap():
     assert images_of_rank(1, 1, 2) == []
 
 
-CLI = ["a red fox", "--height", "768", "--width", "512", "--steps", "2", "--seed", "3", "--view-batch", "3",
+CLI = ["a red fox", "--height", "768", "--width", "384", "--steps", "2", "--seed", "3", "--view-batch", "3",
        "--device", "cpu", "--dtype", "float32"]
 # image parallel needs no large image, only more images than ranks: 2 scales, a quarter of CLI's pixels
 MANY = [*CLI, "--height", "512", "--width", "256", "--count", "3"]
