@@ -363,26 +363,38 @@ def _diffusers_files(folder: Path, sub: str, stem: str) -> list[Path]:
 def find_part(path: Path, sub: str, what: str, need: str) -> tuple[str, Path]:
     """('single', file) or ('folder', a diffusers folder of one network: `path` itself, or its `sub`/ where path
     is a pipeline folder), for a network given beside the checkpoint (a VAE, a ControlNet)."""
-    if path.is_file():
+    if _is_file(path):
         return "single", _resolve_single(path)
+    folder = path / sub if (path / sub).is_dir() else path
+    if (folder / "config.json").is_file():
+        return "folder", folder
+    return "single", _lone_file(folder, " and no config.json", f"no {what} here (neither config.json with "
+                                f"diffusion_pytorch_model.safetensors nor a .safetensors file); {need}")
+
+
+def _is_file(path: Path) -> bool:
+    """True for a file, False for a folder; anything else is an error."""
+    if path.is_file():
+        return True
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if not path.is_dir():
         raise CheckpointError(f"{path}: neither a file nor a folder (a device, pipe or socket)")
-    folder = path / sub if (path / sub).is_dir() else path
-    if (folder / "config.json").is_file():
-        return "folder", folder
+    return False
+
+
+def _lone_file(folder: Path, several: str, none: str) -> Path:
+    """The one .safetensors file in a folder with no config; several or none is an error (pickles named)."""
     files = sorted(f for f in folder.glob("*.safetensors") if f.is_file())
     if len(files) == 1:
-        return "single", files[0]
+        return files[0]
     if len(files) > 1:
         names = ", ".join(f.name for f in files[:4])
-        raise CheckpointError(f"{folder}: several .safetensors files ({names}) and no config.json; pass the one to use")
+        raise CheckpointError(f"{folder}: several .safetensors files ({names}){several}; pass the one to use")
     pickled = sorted(p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickled:
         _resolve_single(pickled[0])
-    raise CheckpointError(f"{folder}: no {what} here (neither config.json with diffusion_pytorch_model.safetensors "
-                          f"nor a .safetensors file); {need}")
+    raise CheckpointError(f"{folder}: {none}")
 
 
 def find_checkpoint(path: Path) -> tuple[str, Path]:
@@ -394,25 +406,12 @@ def find_checkpoint(path: Path) -> tuple[str, Path]:
 
 
 def _find(path: Path) -> tuple[str, Path]:
-    if path.is_file():
+    if _is_file(path):
         return "single", _resolve_single(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: neither a file nor a folder (a device, pipe or socket)")
     if (path / "unet").is_dir() or (path / "model_index.json").is_file():
         return "diffusers", path
-    files = sorted(f for f in path.glob("*.safetensors") if f.is_file())
-    if len(files) == 1:
-        return "single", files[0]
-    if len(files) > 1:
-        names = ", ".join(f.name for f in files[:4])
-        raise CheckpointError(f"{path}: several .safetensors files ({names}); pass the one to use")
-    pickled = [p for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
-    if pickled:
-        _resolve_single(pickled[0])
-    raise CheckpointError(f"{path}: nothing loadable here; put sd_xl_base_1.0.safetensors (or a diffusers-layout "
-                          "SDXL folder) there, see weights/README.md")
+    return "single", _lone_file(path, "", "nothing loadable here; put sd_xl_base_1.0.safetensors (or a "
+                                "diffusers-layout SDXL folder) there, see weights/README.md")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -467,6 +466,16 @@ def _heap_trimmer() -> Callable[[], object]:
 
 
 _trim_heap = _heap_trimmer()
+
+
+def load_part(info, strict, device, dtype) -> torch.nn.Module:
+    """A network found beside the checkpoint (a VAE, a ControlNet: `info` with files, where, config and table)
+    onto device in dtype; `strict` builds it and checks its tensors again (the files may have changed since)."""
+    src = TensorSource(list(info.files))
+    try:
+        return _materialise(strict(info.where, info.config, info.table, src), info.table, src, device, dtype)
+    finally:
+        src.close()
 
 
 def _materialise(model, table, src: TensorSource, device, dtype, patch=None, read=None) -> torch.nn.Module:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import (COUNT_LIMITS, LEVEL_LIMIT, WIDTH_LIMIT, TensorSource, _count, _diffusers_files,
-                         _first_line, _materialise, _read_json, _report, _shapes, check, find_part, identify_family)
+                         _first_line, _read_json, _report, _shapes, check, find_part, identify_family, load_part)
 from .config import UNetConfig
 from .models.controlnet import ControlNet, ControlNetConfig, diffusers_keys
 from .safetensors_check import CheckpointError, show
@@ -103,12 +103,7 @@ def inspect_controlnet(path: str | Path, unet_cfg: UNetConfig) -> ControlNetFile
 def load_controlnet(info: ControlNetFile, device: torch.device, dtype: torch.dtype) -> ControlNet:
     """The ControlNet `inspect_controlnet` found, onto device in dtype; its tensors are checked again (the files
     may have changed since)."""
-    src = TensorSource(list(info.files))
-    try:
-        model = _strict(info.where, info.config, info.table, src)
-        return _materialise(model, info.table, src, device, dtype)
-    finally:
-        src.close()
+    return load_part(info, _strict, device, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------

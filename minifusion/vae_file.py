@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import (Configs, TensorSource, _check_plausible, _count, _diffusers_files, _first_line,
-                         _materialise, _read_json, _report, _shapes, check, find_part, identify_family, vae_config)
+                         _read_json, _report, _shapes, check, find_part, identify_family, load_part, vae_config)
 from .config import SDXL_CLIP_G, SDXL_CLIP_L, SDXL_UNET, SDXL_VAE, VAEConfig
 from .models import vae
 from .safetensors_check import CheckpointError, show
@@ -92,12 +92,7 @@ def inspect_vae(path: str | Path) -> VAEFile:
 def load_vae(info: VAEFile, device: torch.device, dtype: torch.dtype) -> vae.VAE:
     """The VAE `inspect_vae` found, onto device in dtype; its tensors are checked again (the files may have
     changed since)."""
-    src = TensorSource(list(info.files))
-    try:
-        model = _strict(info.where, info.config, info.table, src)
-        return _materialise(model, info.table, src, device, dtype)
-    finally:
-        src.close()
+    return load_part(info, _strict, device, dtype)
 
 
 def vae_dtype_for(dtype: torch.dtype, fp16_safe: bool = False) -> torch.dtype:
