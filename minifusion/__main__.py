@@ -38,7 +38,7 @@ from .pipeline import DEFAULT_WEIGHTS, NonFiniteError, check_request, default_de
 from .safetensors_check import NotSafetensors
 from .schedulers import SCHEDULERS
 from .tokenizer import Tokenizer
-from .vae_file import inspect_vae, vae_dtype_for
+from .vae_file import VAEFile, inspect_vae, vae_dtype_for
 from .views import is_out_of_memory
 
 log = logging.getLogger("minifusion")
@@ -324,7 +324,7 @@ def plan(args, device: torch.device | None = None) -> Plan:
         check_request(base, window, **{k: kwargs[k] for k in CHECKED if kwargs[k] is not None})
     except ValueError as e:
         raise UserError(str(e)) from None
-    check_adapters(settings, cfgs)
+    vae_file = check_adapters(settings, cfgs)
     nets = control(settings, kwargs, cfgs)
 
     n_scales = max(1, int(max(settings["height"], settings["width"]) / base))
@@ -358,9 +358,9 @@ def plan(args, device: torch.device | None = None) -> Plan:
     if drawn:
         lines.append(f"seed {seed} (drawn at random; --seed {seed} makes " + ("this image" if len(jobs) == 1 else
                      "these images") + " again)")
-    extra = {"controlnets": nets, "vae_dtype": vae_dtype_for(dtype, inspect_vae(settings["vae"]).fp16_safe)
-             if settings["vae"] else None}  # what the memory model counts beyond the checkpoint
-    if not memory.measured(cfgs, dtype) and distributed.rank() == 0:
+    extra = {"controlnets": nets, "vae_dtype": vae_dtype_for(dtype, vae_file.fp16_safe)
+             if vae_file is not None else None}  # what the memory model counts beyond the checkpoint
+    if not memory.measured(cfgs, dtype, **extra) and distributed.rank() == 0:
         print("measuring the memory model of this configuration on the meta device (once per machine, seconds)",
               file=sys.stderr)
     if not args.force:
@@ -374,19 +374,20 @@ def plan(args, device: torch.device | None = None) -> Plan:
     return Plan(device, dtype, settings, kwargs, jobs, first, resume, cfgs, record, lines)
 
 
-def check_adapters(settings: dict, cfgs) -> None:
+def check_adapters(settings: dict, cfgs) -> VAEFile | None:
     """LoRAs, a VAE and embeddings checked against the checkpoint before anything loads (headers, and the
-    embeddings' few vectors): a bad one is one line before the long wait, not after it."""
+    embeddings' few vectors): a bad one is one line before the long wait, not after it. The VAE found, if any
+    (the memory model counts its dtype)."""
     try:
         if settings["lora"]:
             open_loras([tuple(x) for x in settings["lora"]], cfgs).close()
-        if settings["vae"]:
-            inspect_vae(settings["vae"])
+        vae_file = inspect_vae(settings["vae"]) if settings["vae"] else None
         if settings["embedding"]:
             load_embeddings(settings["embedding"], (cfgs.text_encoder_1.width, cfgs.text_encoder_2.width),
                             Tokenizer().encode)
     except ValueError as e:
         raise UserError(str(e)) from None
+    return vae_file
 
 
 def control(settings: dict, kwargs: dict, cfgs) -> tuple:

@@ -79,7 +79,7 @@ from torch.utils.flop_counter import flop_registry
 from .checkpoint import COMPONENTS, Configs, meta_models
 from .config import TextConfig, UNetConfig, VAEConfig
 from .controlnet import Control, Unit, condition_size
-from .decode import Alone, decode_flops, decode_tiled
+from .decode import Alone, _spans, decode_flops, decode_tiled
 from .demofusion import demofusion, local_windows, scale_sizes, window_margin
 from .models.clip import TextEncoder
 from .models.controlnet import ControlNet, ControlNetConfig
@@ -689,9 +689,9 @@ def _decode_fit(cfg: VAEConfig, dtype: torch.dtype) -> dict:
 
 
 def _span(size: int, tile: int) -> tuple[int, int]:
-    """(tiles, largest tile) along one axis of a map, as decode.py splits it: into near-equal parts."""
-    k = -(-size // tile)
-    return k, -(-size // k)
+    """(tiles, largest tile) along one axis of a map, as decode.py splits it."""
+    spans = _spans(size, tile)
+    return len(spans), max(b - a for a, b in spans)
 
 
 def _stage_bytes(stage: dict, h: int, w: int, tile: int) -> int:
@@ -923,11 +923,16 @@ def estimate(cfgs: Configs, height: int, width: int, steps: int = 50, view_batch
     return out
 
 
-def measured(cfgs: Configs, dtype: torch.dtype = torch.float16) -> bool:
-    """Whether `estimate` and `plan` for this configuration and dtype will answer from coefficients already
-    measured (in this process or in cache_dir()), rather than measure them first (seconds; say so first)."""
-    a, b = cfgs.unet.sample_size, cfgs.unet.sample_size // 2
+def measured(cfgs: Configs, dtype: torch.dtype = torch.float16, controlnets: tuple[ControlNetConfig, ...] = (),
+             vae_dtype: torch.dtype | None = None) -> bool:
+    """Whether `estimate` and `plan` for this configuration, dtype, ControlNets and VAE dtype will answer from
+    coefficients already measured (in this process or in cache_dir()), rather than measure them first (seconds;
+    say so first)."""
+    sizes = (cfgs.unet.sample_size, cfgs.unet.sample_size // 2)
+    profile = (_controlled_profile_of_config.known(cfgs.unet, tuple(controlnets), dtype, sizes) if controlnets
+               else _profile_of_config.known(cfgs.unet, dtype, sizes))
     return all([_parameter_counts.known(cfgs), _text_peak.known(cfgs.text_encoder_1, dtype),
-                _text_peak.known(cfgs.text_encoder_2, dtype), _profile_of_config.known(cfgs.unet, dtype, (a, b)),
-                _sampler_fit.known(cfgs.unet, dtype), _decode_fit.known(cfgs.vae, component_dtypes(dtype)["vae"]),
-                _unet_flop_fit.known(cfgs.unet), _decode_flop_fit.known(cfgs.vae)])
+                _text_peak.known(cfgs.text_encoder_2, dtype), profile, _sampler_fit.known(cfgs.unet, dtype),
+                _decode_fit.known(cfgs.vae, component_dtypes(dtype, vae_dtype)["vae"]),
+                _unet_flop_fit.known(cfgs.unet), _decode_flop_fit.known(cfgs.vae),
+                *(_controlnet_parameters.known(c) for c in controlnets)])

@@ -332,6 +332,24 @@ def test_estimate_flops_are_what_meta_runs_count():
     assert est["flops"] == expected and len(est["scales"]) == 3
 
 
+def test_measured_knows_what_a_separate_vae_and_a_controlnet_add(tmp_path, monkeypatch):
+    """The CLI says it is measuring exactly when estimate will measure: a fp16-safe VAE's float16 decode and a
+    ControlNet's steered calls are measurements of their own."""
+    from minifusion.models.controlnet import ControlNetConfig
+    monkeypatch.setenv("MINIFUSION_CACHE", str(tmp_path))
+    for measurement in memory._Measured.every:
+        monkeypatch.setattr(measurement, "memo", {})
+    memory.estimate(SMALL, 512, 512, 2, dtype=F16)
+    assert memory.measured(SMALL, F16)
+    assert not memory.measured(SMALL, F16, vae_dtype=F16)  # SDXL's VAE was measured in fp32 beside fp16
+    memory.estimate(SMALL, 512, 512, 2, dtype=F16, vae_dtype=F16)
+    assert memory.measured(SMALL, F16, vae_dtype=F16)
+    nets = (ControlNetConfig(TINY.unet, (False, True, True), hint_channels=(4, 8, 8, 16)),)
+    assert not memory.measured(SMALL, F16, controlnets=nets)
+    memory.estimate(SMALL, 512, 512, 2, dtype=F16, controlnets=nets)
+    assert memory.measured(SMALL, F16, controlnets=nets)
+
+
 def test_coefficients_are_measured_once_then_read_from_disk(tmp_path, monkeypatch):
     """A fresh cache measures and writes; a new process (nothing in memory) reads the same coefficients without
     measuring; a damaged file is measured again rather than trusted."""
