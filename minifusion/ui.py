@@ -58,11 +58,8 @@ from .vae_file import inspect_vae, vae_dtype_for
 from .views import is_out_of_memory
 
 log = logging.getLogger("minifusion")
-# the first word of check_request's messages -> the page's setting it is about ("size": width and height)
-MESSAGE_FIELDS = {"height": "height", "width": "width", "size": "size", "num_inference_steps": "steps",
-                  "guidance_scale": "guidance", "view_batch_size": "view_batch", "stride": "stride",
-                  "cosine_scale_1": "c1", "cosine_scale_2": "c2", "cosine_scale_3": "c3", "sigma": "sigma",
-                  "scheduler": "scheduler"}
+# the first word of check_request's messages (its argument names) -> the page's setting it is about
+MESSAGE_FIELDS = {arg: name for name, arg in metadata.SETTINGS.items() if arg in cli.CHECKED}
 SIZE = ("width", "height")
 # what loads beside the checkpoint (the CLI's names) -> its folder inside the weights folder
 FOLDERS = {"lora": "loras", "vae": "vae", "embedding": "embeddings", "controlnet": "controlnet"}
@@ -259,7 +256,7 @@ def check(settings: dict, base: int, window: int) -> None:
                       16 if settings["view_batch"] is None else settings["view_batch"], settings["stride"],
                       settings["c1"], settings["c2"], settings["c3"], settings["sigma"], settings["scheduler"])
     except ValueError as e:
-        raise RequestError(MESSAGE_FIELDS.get(str(e).split(" ", 1)[0], "size"), str(e)) from None
+        raise request_error(e) from None
     if settings["image"] is not None:
         try:
             picture = open_image(settings["image"])
@@ -274,6 +271,11 @@ def check(settings: dict, base: int, window: int) -> None:
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)) or not 0 <= a < b <= 1:
             raise RequestError("control_end", f"the ControlNet acts from {a} to {b} of each scale's steps; it "
                                "needs 0 <= start < end <= 1")
+
+
+def request_error(e: ValueError) -> RequestError:
+    """check_request's message under the setting it names (one about both sides, e.g. "size ...", under the size)."""
+    return RequestError(MESSAGE_FIELDS.get(str(e).split(" ", 1)[0], "size"), str(e))
 
 
 def check_resume(saved: SavedScale, height: int, width: int, base: int) -> None:
@@ -380,7 +382,7 @@ def error_line(e: BaseException, settings: dict) -> str:
         return (f"out of memory even with one view per UNet call at {settings['width']}x{settings['height']}; "
                 "choose a smaller size or set a memory budget in the advanced settings")
     if isinstance(e, (ValueError, CheckpointError, NonFiniteError, OSError)):  # LatentFileError is a ValueError
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
+        return _why(e)
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'see the console'}"
 
 
@@ -447,13 +449,16 @@ class Studio:
         settings = settings_from({**values, **self._paths(values)}, self.base, self.window)
         check(settings, self.base, self.window)
         want = Adapters.of(settings)
-        if want != self.loaded:  # a set that loaded is not read again; another is checked from its headers
-            if want.lora:
+        vae_file, nets = None, ()
+        # a set that loaded is not read again, unless a budget is to be planned with it; another is checked from
+        # its headers
+        if want != self.loaded or settings["max_memory"] is not None:
+            if want.lora and want != self.loaded:
                 _checked("lora", lambda: open_loras(want.lora, self.configs).close())
             if want.vae:
-                _checked("vae", inspect_vae, want.vae)
-            for net in want.controlnet:
-                _checked("controlnet", inspect_controlnet, net, self.configs.unet)
+                vae_file = _checked("vae", inspect_vae, want.vae)
+            nets = tuple(_checked("controlnet", inspect_controlnet, net, self.configs.unet)
+                         for net in want.controlnet)
         if settings["control_image"] is not None:
             picture = _checked("control_image", open_image, settings["control_image"])
             if settings["canny"]:
@@ -461,10 +466,8 @@ class Studio:
                 _checked("canny", canny, picture, size)
         if settings["max_memory"] is not None:
             # as the CLI plans it: with the ControlNets and the VAE asked for, not those loaded now
-            extra = {"controlnets": tuple(_checked("controlnet", inspect_controlnet, net, self.configs.unet).config
-                                          for net in want.controlnet),
-                     "vae_dtype": vae_dtype_for(self.dtype, _checked("vae", inspect_vae, want.vae).fp16_safe)
-                     if want.vae else None}
+            extra = {"controlnets": tuple(net.config for net in nets),
+                     "vae_dtype": vae_dtype_for(self.dtype, vae_file.fp16_safe) if vae_file is not None else None}
             tiles = ((None,) if not settings["tiled_decode"] else ()) + memory.DECODE_TILES
             try:
                 memory.plan(settings["max_memory"], self.configs, settings["height"], settings["width"],
@@ -495,7 +498,7 @@ class Studio:
         try:
             check_request(self.base, self.window, height, width, stride=self.window // 2)
         except ValueError as e:
-            raise RequestError(MESSAGE_FIELDS.get(str(e).split(" ", 1)[0], "size"), str(e)) from None
+            raise request_error(e) from None
         check_resume(saved, height, width, self.base)
         return saved
 
