@@ -34,12 +34,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import lru_cache
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
+
+from .measure import sync, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = {"ranks": 2, "speedup": 1.7}  # issue 10: 2 ranks x 1 thread against 1 x 1 thread, the tiny model
@@ -127,7 +129,8 @@ class _StageFlops:
         return getattr(self.alone, name)
 
 
-def decode_stages(vae_cfg, h: int, w: int) -> list[tuple[int, int, int]]:
+@lru_cache(maxsize=None)  # a pure function of its arguments, asked for again for each view batch and rank count
+def decode_stages(vae_cfg, h: int, w: int) -> tuple[tuple[int, int, int], ...]:
     """(map height, map width, FLOPs) of each stage of the exact tiled decode of h x w latents, counted on the
     meta device."""
     from minifusion.decode import decode_tiled
@@ -142,7 +145,7 @@ def decode_stages(vae_cfg, h: int, w: int) -> list[tuple[int, int, int]]:
             share.stages[-1][3] += 1
             last[0] = now
         decode_tiled(vae, z, tile=1 << 30, storage="meta", progress=step, share=share)
-    return [(H, W, f) for H, W, f, steps in share.stages if steps]  # the dry run that counts tiles does no work
+    return tuple((H, W, f) for H, W, f, steps in share.stages if steps)  # the dry run that counts tiles: no work
 
 
 def decode_share(stages: list[tuple[int, int, int]], world: int, tile: int) -> tuple[float, float]:
@@ -150,11 +153,11 @@ def decode_share(stages: list[tuple[int, int, int]], world: int, tile: int) -> t
     over `world` ranks as minifusion.distributed.TileShare splits them (every stage ends in a collective, so the
     ranks wait for each other stage by stage). A rank's work in a stage is proportional to its rows."""
     from minifusion.decode import _spans
-    from minifusion.distributed import TileShare
+    from minifusion.distributed import split_rows
     total = busiest = 0.0
     for H, W, f in stages:
         rows = [(a, b, 0, W) for a, b in _spans(H, tile)]
-        parts = TileShare.split(SimpleNamespace(world=world), rows)
+        parts = split_rows(rows, world)
         busiest += f * max(sum(b - a for a, b, _, _ in p) for p in parts) / H
         total += f
     return total, busiest
@@ -225,35 +228,31 @@ class Recorder:
         self.unet: dict = {}
         self._start = None
 
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def _add(self, table, **values):
         row = table.setdefault(self.phase, {k: 0 for k in values})
         for k, v in values.items():
             row[k] = row.get(k, 0) + v
 
     def wrap(self, fn, kind: str):
-        def timed(*args, **kwargs):
+        def recorded(*args, **kwargs):
             tensor = args[1] if kind == "all_gather" else args[0]
             sent = tensor.numel() * tensor.element_size()
             received = (sum(t.numel() * t.element_size() for t in args[0]) - sent) if kind == "all_gather" else 0
-            self._sync()
+            sync(self.device)
             start = time.perf_counter()
             out = fn(*args, **kwargs)
-            self._sync()
+            sync(self.device)
             self._add(self.collectives, seconds=time.perf_counter() - start, calls=1, bytes_sent=sent,
                       bytes_received=received)
             return out
-        return timed
+        return recorded
 
     def unet_pre(self, module, args):
-        self._sync()
+        sync(self.device)
         self._start = time.perf_counter()
 
     def unet_post(self, module, args, output):
-        self._sync()
+        sync(self.device)
         self._add(self.unet, seconds=time.perf_counter() - self._start, calls=1, views=args[0].shape[0] // 2)
 
     def of(self, table, phase) -> dict:
@@ -326,19 +325,15 @@ def worker(argv) -> int:
     decode = pipe.decode
 
     def progress(scale, step, steps, evals):
-        rec._sync()
+        sync(rec.device)
         rec.phase = ("denoise", scale)
         marks.setdefault(scale, []).append(time.perf_counter())
 
     def timed_decode(latents, **kwargs):
         scale = rec.phase[1]
         rec.phase = ("decode", scale)
-        rec._sync()
-        t = time.perf_counter()
-        image = decode(latents, **kwargs)
-        rec._sync()
-        decode_seconds[scale] = time.perf_counter() - t
-        return image
+        with timed(decode_seconds, scale, rec.device):
+            return decode(latents, **kwargs)
 
     pipe.decode = timed_decode
     scales = []
@@ -518,23 +513,20 @@ def _fmt(xs, f="{:.2f}") -> str:
     return " ".join(f.format(x) for x in xs)
 
 
-def print_measured(rows: list[dict], machine: list[dict], bounds: dict) -> None:
+def print_measured(rows: list[dict], machine: list[dict]) -> None:
     print("\nmeasured (rank 0's clock; seconds per scale = denoising + decode; collective share = time inside "
           "all_gather/broadcast over the denoising, least..most over the ranks)")
     print(f"{'ranks':>5} | {'seconds per scale':>26} | {'s/step per scale':>26} | {'collective':>12} | "
           f"{'speed-up':>8} | {'denoise':>7} | {'decode':>6} | {'bound':>5} | {'50 st.*':>7} | {'bound*':>6} | "
           "others' CPUs")
-    one = next((r for r in rows if r["ranks"] == 1), None)
+    def ratio(row, key):
+        return f"{row[key]:.2f}x" if key in row else "-"
+
     for row, m in zip(rows, machine):
-        sp = den = dec = sp50 = "-"
-        if one is not None:
-            sp = f"{sum(one['seconds_per_scale']) / sum(row['seconds_per_scale']):.2f}x"
-            den = f"{sum(one['denoise_seconds']) / sum(row['denoise_seconds']):.2f}x"
-            dec = f"{sum(one['decode_seconds']) / sum(row['decode_seconds']):.2f}x"
-            sp50 = f"{at_steps(one, EXTRAPOLATE_STEPS) / at_steps(row, EXTRAPOLATE_STEPS):.2f}x"
+        sp, den, dec, sp50 = (ratio(row, k) for k in ("speedup", "denoise_speedup", "decode_speedup",
+                                                       "speedup_at_50_steps"))
+        bound, bound50 = ratio(row, "work_count_bound"), ratio(row, "work_count_bound_at_50_steps")
         share = "-" if row["ranks"] == 1 else f"{row['collective_share'][0]:.1%}..{row['collective_share'][1]:.1%}"
-        b = bounds.get(row["ranks"])
-        bound, bound50 = (f"{b['speedup']:.2f}x", f"{b['speedup_at_50_steps']:.2f}x") if b else ("-", "-")
         others = f"{m['others_cpus']:.2f}" if "others_cpus" in m else "-"
         per_scale = _fmt(row["seconds_per_scale"], "{:.1f}") + f" = {sum(row['seconds_per_scale']):.1f}"
         print(f"{row['ranks']:>5} | {per_scale:>26} | {_fmt(row['seconds_per_step'], '{:.3f}'):>26} | {share:>12} | "
@@ -618,10 +610,10 @@ def run(args) -> int:
         n: {"speedup": bound_from_one_rank(one, cfgs, height, width, batch, n),
             "speedup_at_50_steps": bound_from_one_rank(one, cfgs, height, width, batch, n, steps=EXTRAPOLATE_STEPS)}
         for n in args.ranks if n > 1}
+    base_row = rows[runs.index(one)] if one is not None else None
     for row, m in zip(rows, machine):
         row["machine"] = m
-        if one is not None:
-            base_row = rows[[r["ranks"] for r in runs].index(1)]
+        if base_row is not None:
             row["speedup"] = sum(base_row["seconds_per_scale"]) / sum(row["seconds_per_scale"])
             row["denoise_speedup"] = sum(base_row["denoise_seconds"]) / sum(row["denoise_seconds"])
             row["decode_speedup"] = sum(base_row["decode_seconds"]) / sum(row["decode_seconds"])
@@ -631,7 +623,7 @@ def run(args) -> int:
                 row["work_count_bound"] = bounds[row["ranks"]]["speedup"]
                 row["work_count_bound_at_50_steps"] = bounds[row["ranks"]]["speedup_at_50_steps"]
     result["runs"], result["table"] = runs, rows
-    print_measured(rows, machine, bounds)
+    print_measured(rows, machine)
     two = next((r for r in rows if r["ranks"] == TARGET["ranks"]), None)
     if two is not None and "speedup" in two:
         met = two["speedup"] >= TARGET["speedup"]

@@ -248,6 +248,14 @@ def _hull(held: tuple[int, int], need: tuple[int, int]) -> tuple[int, int]:
     return min(held[0], need[0]), max(held[1], need[1])
 
 
+def split_rows(tiles: list[Box], world: int) -> list[list[Box]]:
+    """Each rank's tiles: whole tile rows, contiguous in tile order, as even in number as they divide."""
+    rows = sorted({(y0, y1) for y0, y1, _, _ in tiles})
+    n = len(rows)
+    parts = [set(rows[r * n // world:(r + 1) * n // world]) for r in range(world)]
+    return [[box for box in tiles if box[:2] in part] for part in parts]
+
+
 class TileShare:
     """decode.Alone's counterpart for a group: each rank decodes whole tile rows (contiguous in tile order) and
     holds only its rows of every feature map (decode.py's `_Map` bands)."""
@@ -257,10 +265,7 @@ class TileShare:
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
 
     def split(self, tiles: list[Box]) -> list[list[Box]]:
-        rows = sorted({(y0, y1) for y0, y1, _, _ in tiles})
-        n = len(rows)
-        parts = [set(rows[r * n // self.world:(r + 1) * n // self.world]) for r in range(self.world)]
-        return [[box for box in tiles if box[:2] in part] for part in parts]
+        return split_rows(tiles, self.world)
 
     def band(self, data: torch.Tensor, shares: list[list[Box]], height: int) -> _Map:
         spans = [_rows(s) for s in shares]
