@@ -246,10 +246,26 @@ def _unet_inputs(cfg: UNetConfig, n: int, h: int, w: int, device, dtype):
             torch.zeros(n, 6, device=device))
 
 
-@lru_cache(maxsize=8)
-def _meta_unet(cfg: UNetConfig, dtype: torch.dtype) -> UNet:
+@lru_cache(maxsize=16)
+def _meta(network: type, cfg, dtype: torch.dtype) -> torch.nn.Module:
+    """A network (UNet, ControlNet, VAE) of config cfg on the meta device in dtype: no memory, every shape."""
     with torch.device("meta"):
-        return UNet(cfg).to(dtype).eval().requires_grad_(False)
+        return network(cfg).to(dtype).eval().requires_grad_(False)
+
+
+def _call_peak(device: torch.device, call) -> int:
+    """Peak bytes `call()` allocates beyond what is live before it: on CUDA by the allocator, elsewhere (the
+    meta device included) by MemoryTracker."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        call()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    with CPUAttentionOnMeta(), MemoryTracker() as tracker:
+        call()
+    return tracker.peak
 
 
 @torch.no_grad()
@@ -258,19 +274,10 @@ def unet_activation_bytes(unet: UNet | UNetConfig, n: int, h: int, w: int, dtype
     the sampler's, counted there). A config runs on the meta device; a module runs where it lives (on CUDA, measured by
     the allocator; elsewhere by MemoryTracker)."""
     if isinstance(unet, UNetConfig):
-        unet = _meta_unet(unet, dtype or torch.float32)
+        unet = _meta(UNet, unet, dtype or torch.float32)
     device, dtype = unet.time_embed[0].weight.device, unet.time_embed[0].weight.dtype
     inputs = _unet_inputs(unet.cfg, n, h, w, device, dtype)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        unet(*inputs)
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    with CPUAttentionOnMeta(), MemoryTracker() as tracker:
-        unet(*inputs)
-    return tracker.peak
+    return _call_peak(device, lambda: unet(*inputs))
 
 
 @dataclass(frozen=True)
@@ -320,16 +327,9 @@ def _profile(measure, sizes: tuple[int, int]) -> ActivationProfile:
 # ---------------------------------------------------------------------------------------------------------
 # ControlNets: their weights sit beside the UNet's; a steered call adds their activations and residuals
 
-@lru_cache(maxsize=8)
-def _meta_controlnet(cfg: ControlNetConfig, dtype: torch.dtype) -> ControlNet:
-    with torch.device("meta"):
-        return ControlNet(cfg).to(dtype).eval().requires_grad_(False)
-
-
 @_Measured
 def _controlnet_parameters(cfg: ControlNetConfig) -> int:
-    with torch.device("meta"):
-        return sum(p.numel() for p in ControlNet(cfg).parameters())
+    return sum(p.numel() for p in _meta(ControlNet, cfg, torch.float32).parameters())
 
 
 def controlnet_weights_bytes(controlnets, dtype: torch.dtype) -> int:
@@ -353,24 +353,15 @@ def controlled_activation_bytes(unet: UNet | UNetConfig, controlnets, n: int, h:
     image is made before the call (`condition_bytes`); guess mode, whose ControlNets see half the rows, needs
     no more than this."""
     if isinstance(unet, UNetConfig):
-        unet = _meta_unet(unet, dtype or torch.float32)
-        controlnets = [_meta_controlnet(c, dtype or torch.float32) for c in controlnets]
+        unet = _meta(UNet, unet, dtype or torch.float32)
+        controlnets = [_meta(ControlNet, c, dtype or torch.float32) for c in controlnets]
     device, dtype = unet.time_embed[0].weight.device, unet.time_embed[0].weight.dtype
     inputs = _unet_inputs(unet.cfg, n, h, w, device, dtype)
     control = Control([Unit(net, torch.zeros(1, 3, *condition_size((h, w)))) for net in controlnets], [(h, w)], 1)
     for i in range(len(controlnets)):
         control.condition(i, 1, device)
     views = [Window(0, h, 0, w, 0)] * (n // 2)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        unet(*inputs, residuals=control(*inputs, views, step=0, scale=1))
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    with CPUAttentionOnMeta(), MemoryTracker() as tracker:
-        unet(*inputs, residuals=control(*inputs, views, step=0, scale=1))
-    return tracker.peak
+    return _call_peak(device, lambda: unet(*inputs, residuals=control(*inputs, views, step=0, scale=1)))
 
 
 def _per_sample(views: ActivationProfile) -> ActivationProfile:
@@ -617,15 +608,9 @@ class _Probe:
         return x.data
 
 
-@lru_cache(maxsize=8)
-def _meta_vae(cfg: VAEConfig, dtype: torch.dtype) -> VAE:
-    with torch.device("meta"):
-        return VAE(cfg).to(dtype).eval().requires_grad_(False)
-
-
 @torch.no_grad()
 def _decode_stages(cfg: VAEConfig, dtype: torch.dtype, h: int, w: int, tile: int, pick) -> _StageTracker:
-    vae, tracker = _meta_vae(cfg, dtype), _StageTracker()  # built outside: its weights are not the decode's
+    vae, tracker = _meta(VAE, cfg, dtype), _StageTracker()  # built outside: its weights are not the decode's
     z = torch.zeros(1, cfg.latent_channels, h, w, dtype=dtype, device="meta")
     with CPUAttentionOnMeta(), tracker:
         decode_tiled(vae, z, tile=tile, storage="meta", share=_Probe(tracker, pick))
@@ -635,7 +620,7 @@ def _decode_stages(cfg: VAEConfig, dtype: torch.dtype, h: int, w: int, tile: int
 
 @torch.no_grad()
 def _untiled_decode_peak(cfg: VAEConfig, dtype: torch.dtype, h: int, w: int) -> int:
-    vae = _meta_vae(cfg, dtype)
+    vae = _meta(VAE, cfg, dtype)
     z = torch.zeros(1, cfg.latent_channels, h, w, dtype=dtype, device="meta")
     with CPUAttentionOnMeta(), MemoryTracker() as tracker:
         vae.decode(z)
@@ -844,7 +829,7 @@ class _FlopsPerOp(TorchDispatchMode):
 @torch.no_grad()
 def count_unet_flops(cfg: UNetConfig, h: int, w: int) -> list[int]:
     """Measured: the FLOPs of each op of one UNet evaluation (one sample) at h x w latents, on the meta device."""
-    unet = _meta_unet(cfg, torch.float32)
+    unet = _meta(UNet, cfg, torch.float32)
     with _FlopsPerOp() as counter:
         unet(*_unet_inputs(cfg, 1, h, w, "meta", torch.float32))
     return counter.ops
