@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,18 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def output_paths(out: Path, n_scales: int) -> list[Path]:
+    """img.png -> [img.x1.png, ..., img.x{S-1}.png, img.png]: every scale's image of a run."""
+    return [out.with_name(f"{out.stem}.x{s}{out.suffix}") for s in range(1, n_scales)] + [out]
+
+
+def numbered(folder: Path, seeds: list[int]) -> list[Path]:
+    """The next free numbers in `folder`, Automatic1111 style: 00001-<seed>.png, 00002-<seed>.png, ..."""
+    taken = [int(m.group(1)) for p in folder.glob("*.png") if (m := re.match(r"(\d+)-", p.name))]
+    first = max(taken, default=0) + 1
+    return [folder / f"{first + i:05d}-{seed}.png" for i, seed in enumerate(seeds)]
 
 
 def latent_path(image_path: Path) -> Path:

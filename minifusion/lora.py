@@ -245,6 +245,9 @@ def parse_spec(spec: str) -> tuple[Path, float]:
     try:
         weight = float(tail)
     except ValueError:
+        if path and Path(path).is_file() and not Path(spec).exists():
+            raise ValueError(f"--lora {spec!r}: the weight {tail!r} is not a number; write PATH:WEIGHT, e.g. "
+                             f"{path}:0.8") from None
         return Path(spec), 1.0
     if not path or not math.isfinite(weight):
         raise ValueError(f"--lora {spec!r}: expected PATH or PATH:WEIGHT with a finite weight")

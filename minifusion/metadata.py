@@ -21,29 +21,11 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from .files import atomic_write
+from .settings import BY_NAME, RECORDED, ROWS, VERSION
 
-VERSION = "0.2.0"
 KEY = "minifusion"  # the PNG text chunk holding the JSON
 PARAMETERS = "parameters"  # A1111's
-# the settings an image records: command-line name -> generate() argument
-SETTINGS = {"prompt": "prompt", "negative": "negative_prompt", "height": "height", "width": "width",
-            "steps": "num_inference_steps", "guidance": "guidance_scale", "seed": "seed",
-            "scheduler": "scheduler", "stride": "stride", "view_batch": "view_batch_size",
-            "c1": "cosine_scale_1", "c2": "cosine_scale_2", "c3": "cosine_scale_3", "sigma": "sigma",
-            "tiled_decode": "multi_decoder", "jitter": "jitter", "image": "image", "max_memory": "max_memory",
-            "control_image": "control_image", "control_scale": "controlnet_conditioning_scale",
-            "control_start": "control_guidance_start", "control_end": "control_guidance_end",
-            "guess_mode": "guess_mode"}
-# what minifusion.load was given: command-line name -> load() argument
-MODEL_SETTINGS = {"weights": "path", "lora": "loras", "vae": "vae", "embedding": "embeddings",
-                  "controlnet": "controlnet"}
-CLI_SETTINGS = ("canny",)  # the command line's own: make the control image's edges first
-SAMPLERS = {"ddim": "DDIM", "euler": "Euler"}
-# A1111 keys for our settings (theirs where A1111 has one), in the order they are written
-A1111_KEYS = {"steps": "Steps", "scheduler": "Sampler", "guidance": "CFG scale", "seed": "Seed",
-              "stride": "DemoFusion stride", "view_batch": "DemoFusion view batch", "c1": "DemoFusion c1",
-              "c2": "DemoFusion c2", "c3": "DemoFusion c3", "sigma": "DemoFusion sigma",
-              "jitter": "DemoFusion jitter", "tiled_decode": "DemoFusion tiled decode"}
+SAMPLERS = {"ddim": "DDIM", "euler": "Euler"}  # the scheduler setting's values as A1111 names its samplers
 # key: value, the value JSON-quoted or up to the next comma (A1111's infotext_utils.re_param)
 PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 SIZE = re.compile(r"(\d+)x(\d+)")
@@ -68,15 +50,19 @@ def _number(v) -> str:
 
 
 def a1111_parameters(settings: dict, size: tuple[int, int], scale: int, scales: int, model: dict) -> str:
-    """A1111's `parameters` text for one image of `size` (width, height), scale `scale` of `scales`."""
+    """A1111's `parameters` text for one image of `size` (width, height), scale `scale` of `scales`: the settings
+    with an A1111 key (minifusion.settings), in the table's order, the model's after the seed as A1111 writes
+    them, the memory budget after the hashes."""
     pairs = {}
-    for name, key in A1111_KEYS.items():
-        v = settings.get(name)
-        if name == "scheduler":
+    for row in ROWS:
+        v = settings.get(row.name)
+        if row.a1111 is None or row.name == "max_memory":
+            continue
+        if row.name == "scheduler":
             v = SAMPLERS.get(v, v)
         if v is not None:
-            pairs[key] = _number(v)
-        if name == "seed":
+            pairs[row.a1111] = _number(v)
+        if row.name == "seed":
             pairs["Size"] = f"{size[0]}x{size[1]}"
             pairs.update({k: v for k, v in (("Model hash", model.get("hash")), ("Model", model.get("name")),
                                             ("VAE hash", model.get("vae_hash")), ("VAE", model.get("vae")))
@@ -86,7 +72,7 @@ def a1111_parameters(settings: dict, size: tuple[int, int], scale: int, scales: 
     if model.get("embeddings"):
         pairs["TI hashes"] = model["embeddings"]
     if settings.get("max_memory"):
-        pairs["DemoFusion max memory"] = str(settings["max_memory"])
+        pairs[BY_NAME["max_memory"].a1111] = str(settings["max_memory"])
     pairs["DemoFusion scale"] = f"{scale}/{scales}"
     pairs["DemoFusion final size"] = f"{settings['width']}x{settings['height']}"
     pairs["Version"] = f"minifusion {VERSION}"
@@ -117,25 +103,24 @@ def parse_a1111(text: str) -> dict[str, str]:
 
 def settings_from_a1111(params: dict[str, str]) -> dict:
     """The settings an A1111 `parameters` text gives (its prompt, negative prompt, steps, CFG, seed, size, a
-    sampler minifusion has, and DemoFusion's own keys when minifusion wrote it)."""
+    sampler minifusion has, and DemoFusion's own keys when minifusion wrote it); a value that does not read as
+    its setting's type is left out."""
     samplers = {v: k for k, v in SAMPLERS.items()}
-    types = {"steps": int, "seed": int, "stride": int, "view_batch": int, "guidance": float, "c1": float,
-             "c2": float, "c3": float, "sigma": float}
     out = {"prompt": params["prompt"]}
     if "negative" in params:
         out["negative"] = params["negative"]
-    for name, key in A1111_KEYS.items():
-        if key not in params:
+    for row in ROWS:
+        if row.a1111 not in params:
             continue
-        v = params[key]
-        if name == "scheduler":
+        v = params[row.a1111]
+        if row.name == "scheduler":
             if v in samplers:
-                out[name] = samplers[v]
-        elif name in ("jitter", "tiled_decode"):
-            out[name] = v == "True"
-        else:
+                out[row.name] = samplers[v]
+        elif row.kind is bool:
+            out[row.name] = v == "True"
+        elif row.kind in (int, float) or row.name == "max_memory":
             try:
-                out[name] = types[name](v)
+                out[row.name] = (int if row.kind is not float else float)(v)
             except ValueError:
                 pass
     size = SIZE.fullmatch(params.get("DemoFusion final size", params.get("Size", "")))
@@ -174,7 +159,7 @@ def read_settings(png: str | Path) -> dict:
     if KEY in text:
         try:
             saved = json.loads(text[KEY])["settings"]
-            return {k: saved[k] for k in (*SETTINGS, *MODEL_SETTINGS, *CLI_SETTINGS) if k in saved}
+            return {k: saved[k] for k in RECORDED if k in saved}
         except (ValueError, KeyError, TypeError):
             raise NoSettings(f"{png}: its minifusion settings are unreadable") from None
     if PARAMETERS in text and text[PARAMETERS].strip():

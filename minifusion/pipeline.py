@@ -8,12 +8,12 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Collection, Iterable, Iterator
+from typing import Callable, Collection, Iterable, Iterator, NamedTuple
 
 import torch
 from PIL import Image
 
-from . import distributed, memory, metadata
+from . import distributed, memory, metadata, request
 from .checkpoint import Configs, inspect_checkpoint, load_components
 from .controlnet import make_control
 from .controlnet_file import inspect_controlnet, load_controlnet
@@ -24,7 +24,7 @@ from .demofusion import Resume, demofusion, scale_sizes
 from .files import SavedScale
 from .lora import Applied, infotext, open_loras
 from .prompt import Chunk, encode_rows, pad_rows, to_chunks
-from .schedulers import SCHEDULERS
+from .settings import SettingError
 from .tokenizer import Tokenizer
 from .vae_file import inspect_vae, swap_in, vae_dtype_for
 from .views import Cond, ViewRunner, is_out_of_memory
@@ -34,7 +34,6 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 MIN_DECODE_TILE = 32
 EOS = 49407  # SDXL's encoder 1 pads with end-of-text; encoder 2 pads with 0 ("!")
 TEXT_ENCODERS = ("text_encoder_1", "text_encoder_2")
-MAX_VIEW_BATCH = 1 << 16  # far above any step's view count (4096^2 has 65), so never the real limit
 
 
 def default_device() -> torch.device:
@@ -60,6 +59,38 @@ def cpu_flags() -> set[str]:
     except OSError:
         return set()
     return {f for line in lines if line.startswith(("flags", "Features")) for f in line.split(":", 1)[1].split()}
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # the dtype setting's
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The device a `device` setting names (None: the first available), or SettingError when torch or this machine
+    has no such device."""
+    if name is None:
+        return default_device()
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SettingError("device", lambda w: f"{w('device')} {name}: not a device name; use cuda, cuda:N, mps or "
+                           "cpu") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise SettingError("device", lambda w: f"{w('device')} {name}: {why}; use {w('device')} cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise SettingError("device", lambda w: f"{w('device')} {name}: this machine has {n} CUDA device(s), "
+                               f"cuda:0 to cuda:{n - 1}")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise SettingError("device", lambda w: f"{w('device')} {name}: MPS is not available here (it needs Apple "
+                               f"silicon and a torch built with MPS); use {w('device')} cpu")
+    elif dev.type != "cpu":
+        raise SettingError("device", lambda w: f"{w('device')} {name}: minifusion runs on cuda, mps or cpu, not "
+                           f"{dev.type}")
+    return dev
 
 
 def load(path: str | Path | None = None, device: str | torch.device | None = None,
@@ -102,21 +133,14 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     pipe.controlnets = [load_controlnet(f, placement(device)["unet"], dtype) for f in control_files]
     pipe.embeddings = load_embeddings(embeddings, (cfgs.text_encoder_1.width, cfgs.text_encoder_2.width),
                                       pipe.tokenizer.encode)
-    pipe.sources = {"weights": str(path), "lora": [[str(p), w] for p, w in _weighted(loras)],
-                    "vae": None if vae is None else str(vae),
-                    "embedding": [str(e) for e in ([embeddings] if isinstance(embeddings, (str, Path)) else embeddings)],
-                    "controlnet": [str(c) for c in controlnets]}
+    # absolute, so that a PNG recording them names the files from anywhere
+    pipe.sources = {"weights": request.model_file(path),
+                    "lora": [[request.absolute(p), w] for p, w in _weighted(loras)],
+                    "vae": request.absolute(vae),
+                    "embedding": request.absolute([embeddings] if isinstance(embeddings, (str, Path))
+                                                  else list(embeddings)),
+                    "controlnet": request.absolute(controlnets)}
     return pipe
-
-
-def _unknown_arguments(unknown: dict) -> str:
-    """A TypeError's message for generate()'s unknown keywords, naming the right one where the command line's
-    name (or diffusers') was used."""
-    names = {**{cli: api for cli, api in metadata.SETTINGS.items() if cli != api},
-             "num_steps": "num_inference_steps", "negative": "negative_prompt", "cfg_scale": "guidance_scale",
-             "generator": "seed (an int)", "tile": "multi_decoder", "out": "(none: save result.images yourself)"}
-    parts = [f"{k!r}" + (f" (did you mean {names[k]}?)" if k in names else "") for k in unknown]
-    return "generate() got unexpected keyword argument(s) " + ", ".join(parts)
 
 
 def _weighted(loras) -> list[tuple[str | Path, float]]:
@@ -133,49 +157,6 @@ def placement(device: torch.device) -> dict[str, torch.device]:
 def resident(device: torch.device) -> tuple[str, ...]:
     """The networks `load` keeps on the compute device: what the memory model counts as always there."""
     return tuple(c for c, d in placement(device).items() if d == device)
-
-
-def check_request(base: int, window: int, height: int, width: int, num_inference_steps: int = 50,
-                  guidance_scale: float = 7.5, view_batch_size: int = 16, stride: int = 64,
-                  cosine_scale_1: float = 3.0, cosine_scale_2: float = 1.0, cosine_scale_3: float = 1.0,
-                  sigma: float = 0.8, scheduler: str = "ddim") -> None:
-    """Refuse a bad request before any work, saying what was wrong and what to do.
-
-    base: the model's native image size (px); window: its native latent size.
-    """
-    for name, v in (("height", height), ("width", width)):
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ValueError(f"{name} {v!r} is invalid; it must be a positive multiple of 8, at least {base // 4}")
-        if v % 8:
-            raise ValueError(f"{name} {v!r} is not a multiple of 8; pick e.g. {max(8, int(v) // 8 * 8)}")
-    if max(height, width) < base:
-        raise ValueError(f"size {width}x{height} is below this model's base size: the longer side must be at "
-                         f"least {base} px (DemoFusion starts at the base size and goes up)")
-    if min(height, width) < base // 4:
-        raise ValueError(f"size {width}x{height} is too narrow: the shorter side must be at least {base // 4} px")
-
-    def number(v, low, strict=False):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
-            and (v > low if strict else v >= low)
-
-    def integer(v, low, high):
-        return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
-
-    checks = [
-        ("num_inference_steps", num_inference_steps, integer(num_inference_steps, 1, 1000), "an integer from 1 to 1000"),
-        ("guidance_scale", guidance_scale, number(guidance_scale, 0), "a finite number >= 0"),
-        ("view_batch_size", view_batch_size, integer(view_batch_size, 1, MAX_VIEW_BATCH),
-         f"an integer from 1 to {MAX_VIEW_BATCH}"),
-        ("stride", stride, integer(stride, 1, window), f"an integer from 1 to the window size, {window}"),
-        ("cosine_scale_1", cosine_scale_1, number(cosine_scale_1, 0), "a finite number >= 0"),
-        ("cosine_scale_2", cosine_scale_2, number(cosine_scale_2, 0), "a finite number >= 0"),
-        ("cosine_scale_3", cosine_scale_3, number(cosine_scale_3, 0), "a finite number >= 0"),
-        ("sigma", sigma, number(sigma, 0, strict=True), "a finite number > 0"),
-        ("scheduler", scheduler, scheduler in SCHEDULERS, "one of " + ", ".join(SCHEDULERS)),
-    ]
-    for name, value, ok, want in checks:
-        if not ok:
-            raise ValueError(f"{name} {value!r} is invalid; it must be {want}")
 
 
 class NonFiniteError(RuntimeError):
@@ -255,138 +236,117 @@ class Pipeline:
         return context.to(self.dtype), pooled.to(self.dtype)
 
     @torch.no_grad()
-    def iter_generate(self, prompt: str, negative_prompt: str | None = None, height: int | None = None,
-                      width: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                      seed: int | None = 0, view_batch_size: int | None = None, stride: int | None = None,
-                      cosine_scale_1: float = 3.0, cosine_scale_2: float = 1.0, cosine_scale_3: float = 1.0,
-                      sigma: float = 0.8, multi_decoder: bool = True, jitter: bool = True,
-                      latents: torch.Tensor | None = None, noise: list[torch.Tensor] | None = None,
-                      scheduler: str = "ddim", callback: Callable[[int, int, int, int], None] | None = None,
+    def iter_generate(self, prompt: str, *, callback: Callable[[int, int, int, int], None] | None = None,
                       decode_progress: bool | Callable[[int, int], None] | None = None,
-                      resume: SavedScale | None = None, image: Image.Image | str | Path | None = None,
-                      max_memory: int | str | None = None, view_parallel: bool = True,
-                      control_image=None, controlnet_conditioning_scale: float | list[float] = 1.0,
-                      control_guidance_start: float | list[float] = 0.0,
-                      control_guidance_end: float | list[float] = 1.0, guess_mode: bool = False,
-                      record: dict | None = None, **unknown) -> Iterator["Scale"]:
+                      resume: SavedScale | None = None, latents: torch.Tensor | None = None,
+                      noise: list[torch.Tensor] | None = None, view_parallel: bool = True, record: dict | None = None,
+                      **settings) -> Iterator["Scale"]:
         """Yield each scale as soon as it is decoded (base scale first). Arguments as `generate`."""
-        if unknown:
-            raise TypeError(_unknown_arguments(unknown))
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be text, not {type(prompt).__name__}")
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            raise TypeError(f"negative_prompt must be text or None, not {type(negative_prompt).__name__}")
-        image_path = str(image) if isinstance(image, (str, Path)) else None
-        control_paths = [str(c) if isinstance(c, (str, Path)) else None for c in
-                         (control_image if isinstance(control_image, (list, tuple)) else [control_image])]
-        if image is not None:
-            if resume is not None:
-                raise ValueError("pass either image or resume, not both")
-            image = open_image(image)
-            height, width = base_scale_size(image.width, image.height, self.base_size, height, width).final
-        height = self.base_size * 2 if height is None else height
-        width = self.base_size * 2 if width is None else width
-        stride = self.configs.unet.sample_size // 2 if stride is None else stride  # 64 for SDXL
-        check_request(self.base_size, self.configs.unet.sample_size, height, width, num_inference_steps,
-                      guidance_scale, 16 if view_batch_size is None else view_batch_size, stride, cosine_scale_1,
-                      cosine_scale_2, cosine_scale_3, sigma, scheduler)
-        decode_tile, kept = 256 if multi_decoder else None, ("unet", "vae")  # kept: nothing moves unless planned
-        if max_memory is not None:
-            planned = self.plan_memory(max_memory, height, width, stride, not multi_decoder)
-            decode_tile, kept = planned.decode_tile, planned.resident
-            vb = planned.view_batch_size
-            view_batch_size = vb if view_batch_size is None else min(view_batch_size, vb)
         group = distributed.default_group() if view_parallel else None
-        if group is not None and (view_batch_size is None or max_memory is not None):
-            # none asked for: spread the calls over the ranks (a single process given the recorded view batch
-            # makes the same image)
-            view_batch_size = distributed.view_batch(memory.unet_views(self.configs.unet, height, width, stride),
-                                                     distributed.world(group), view_batch_size or 16)
-        view_batch_size = 16 if view_batch_size is None else view_batch_size
-        settings = {"prompt": prompt, "negative": negative_prompt, "height": height, "width": width,
-                    "steps": num_inference_steps, "guidance": guidance_scale, "seed": seed, "scheduler": scheduler,
-                    "stride": stride, "view_batch": view_batch_size, "c1": cosine_scale_1, "c2": cosine_scale_2,
-                    "c3": cosine_scale_3, "sigma": sigma, "tiled_decode": multi_decoder, "jitter": jitter,
-                    "image": image_path, "max_memory": max_memory, **self.sources}
-        if control_image is not None:
-            settings.update({"control_image": control_paths, "control_scale": controlnet_conditioning_scale,
-                             "control_start": control_guidance_start, "control_end": control_guidance_end,
-                             "guess_mode": guess_mode})
-        settings.update(record or {})
-        scales = len(scale_sizes(height, width, self.base_size))
-        control = None if control_image is None else make_control(
-            self.controlnets, control_image, controlnet_conditioning_scale, control_guidance_start,
-            control_guidance_end, guess_mode, height=height, width=width, base_px=self.base_size,
-            steps=num_inference_steps)
+        req = request.resolve(request.from_api(prompt, settings), self.configs, controlnets=len(self.controlnets),
+                              resume=resume, group=group)
+        plan = self._plan(req.settings, group)
+        recorded = {**request.recorded(req.settings), "view_batch": plan.view_batch, **self.sources, **(record or {})}
         try:
-            self._place(None, kept)
-            runner = distributed.view_runner(group) if group is not None else ViewRunner
-            share = distributed.TileShare(group, self.device) if group is not None else None
-            if group is None:
-                context, pooled = self.encode_prompt(prompt, negative_prompt)
-            else:  # encoded once, on rank 0: the other ranks need not hold the text encoders
-                context, pooled = distributed.broadcast_tensors(
-                    self.encode_prompt(prompt, negative_prompt) if distributed.rank(group) == 0 else None,
-                    [self.dtype, self.dtype], group, self.device)
-                # the files are hashed by rank 0 alone, not read again by every rank
-                self._model_info = distributed.broadcast_object(
-                    self.model_info() if distributed.rank(group) == 0 else None, group)
-            generator = torch.Generator().manual_seed(seed) if seed is not None else None
-            start_from = None
-            if image is not None:
-                # image-to-image: the picture, encoded at phase 1's size, replaces phase 1
-                self._place("vae", kept)
-                z = self.encode_image(image, height, width, generator, tile=decode_tile if max_memory else None,
-                                      share=share)
-                start_from = Resume(1, z, z.mean().item(), z.std().item())
-                image = self.decode(z, tiled=decode_tile is not None, tile=decode_tile, progress=decode_progress,
-                                    share=share)
-                image.info.update(metadata.info(settings, image.size, 1, scales, self.model_info()))
-                yield Scale(1, image, z, {"scale": 1, "latent_size": tuple(z.shape[-2:]), "encoded_from_image": True},
-                            (start_from.anchor_mean, start_from.anchor_std),
-                            generator.get_state() if generator is not None else None, settings)
-            if resume is not None:
-                start_from = Resume(resume.scale, resume.latents, resume.anchor_mean, resume.anchor_std)
-                if generator is not None and resume.generator_state is not None:
+            self._place(None, plan.kept)
+            cond = self._condition(req.settings, group)
+            generator = torch.Generator().manual_seed(req.settings["seed"])
+            if req.picture is not None:
+                start = yield from self._from_picture(req, plan, generator, recorded, decode_progress)
+            elif resume is not None:
+                start = Resume(resume.scale, resume.latents, resume.anchor_mean, resume.anchor_std)
+                if resume.generator_state is not None:
                     generator.set_state(resume.generator_state)
-            run = demofusion(self.unet, Cond(context, pooled), height=height, width=width, base_px=self.base_size,
-                             window=self.configs.unet.sample_size, steps=num_inference_steps,
-                             guidance_scale=guidance_scale, generator=generator, stride=stride,
-                             view_batch_size=view_batch_size, cosine_scale_1=cosine_scale_1,
-                             cosine_scale_2=cosine_scale_2, cosine_scale_3=cosine_scale_3, sigma=sigma, jitter=jitter,
-                             latents=latents, noise=noise, scheduler=scheduler, progress=callback, resume=start_from,
-                             on_out_of_memory=lambda n: log.warning(
-                                 "out of memory: continuing with %d view(s) per UNet call (view_batch_size)", n),
-                             runner=runner if control is None else partial(runner, control=control))
-            anchor = (start_from.anchor_mean, start_from.anchor_std) if start_from else None
-            done = start_from.scale if start_from else 0
-            while done < scales:
-                _reset_peak(self.device)
-                start = time.perf_counter()
-                self._place("unet", kept)
-                scale = next(run)
-                done = scale.scale
-                if not torch.isfinite(scale.latents).all():
-                    raise NonFiniteError(f"scale {scale.scale}'s latents contain NaN or inf: the UNet overflowed in "
-                                         f"{str(self.dtype).replace('torch.', '')}; use bfloat16 or float32")
-                if anchor is None:
-                    anchor = (scale.latents.mean().item(), scale.latents.std().item())
-                denoised = time.perf_counter() - start
-                self._place("vae", kept)
-                image = self.decode(scale.latents, tiled=decode_tile is not None, tile=decode_tile,
-                                    progress=decode_progress, share=share)
-                stats = {"scale": scale.scale, "latent_size": scale.stats.latent_size,
-                         "seconds": time.perf_counter() - start, "denoise_seconds": denoised,
-                         "view_batch_size": view_batch_size, "decode_tile": decode_tile,
-                         "unet_evaluations": scale.stats.unet_evals, "unet_calls": scale.stats.unet_calls,
-                         "windows": scale.stats.windows,
-                         "dilated_views": scale.stats.dilated_views, "peak_memory_bytes": _peak(self.device)}
-                state = generator.get_state() if generator is not None else None
-                image.info.update(metadata.info(settings, image.size, scale.scale, scales, self.model_info()))
-                yield Scale(scale.scale, image, scale.latents, stats, anchor, state, settings)
+            else:
+                start = None
+            yield from self._scales(req, plan, cond, generator, start, recorded, latents=latents, noise=noise,
+                                    callback=callback, decode_progress=decode_progress)
         finally:
             for name in ("unet", "vae"):  # back where load left them
                 self._place(name, ("unet", "vae"))
+
+    def _plan(self, settings: dict, group) -> "RunPlan":
+        """Views per UNet call, the decode tile and the networks kept on the device: within the memory budget,
+        spread over the ranks of `group`."""
+        planned, tile, kept = None, 256 if settings["tiled_decode"] else None, ("unet", "vae")
+        if settings["max_memory"] is not None:
+            planned, tile, kept = request.plan_memory(
+                settings, self.configs, self.dtype, self.device.type, self.resident, may_offload=self.host != self.device,
+                controlnets=tuple(net.control for net in self.controlnets), vae_dtype=self.vae_dtype)
+        world = distributed.world(group) if group is not None else 1
+        return RunPlan(request.view_batch(settings, self.configs, planned, world), tile, kept,
+                       distributed.TileShare(group, self.device) if group is not None else None,
+                       settings["max_memory"] is not None)
+
+    def _condition(self, settings: dict, group) -> Cond:
+        """The prompt encoded; under a group, on rank 0 alone (the other ranks need not hold the text encoders),
+        which also hashes the model's files for the images' metadata once for all."""
+        prompt, negative = settings["prompt"], settings["negative"]
+        if group is None:
+            return Cond(*self.encode_prompt(prompt, negative))
+        first = distributed.rank(group) == 0
+        context, pooled = distributed.broadcast_tensors(self.encode_prompt(prompt, negative) if first else None,
+                                                        [self.dtype, self.dtype], group, self.device)
+        self._model_info = distributed.broadcast_object(self.model_info() if first else None, group)
+        return Cond(context, pooled)
+
+    def _from_picture(self, req: "request.Request", plan: "RunPlan", generator: torch.Generator, recorded: dict,
+                      decode_progress):
+        """Image-to-image: the picture encoded at phase 1's size replaces phase 1; yields it as scale 1 and returns
+        where the sampler starts."""
+        self._place("vae", plan.kept)
+        s = req.settings
+        z = self.encode_image(req.picture, s["height"], s["width"], generator,
+                              tile=plan.decode_tile if plan.budgeted else None, share=plan.share)
+        start = Resume(1, z, z.mean().item(), z.std().item())
+        image = self.decode(z, tiled=plan.decode_tile is not None, tile=plan.decode_tile, progress=decode_progress,
+                            share=plan.share)
+        image.info.update(metadata.info(recorded, image.size, 1, len(req.sizes), self.model_info()))
+        yield Scale(1, image, z, {"scale": 1, "latent_size": tuple(z.shape[-2:]), "encoded_from_image": True},
+                    (start.anchor_mean, start.anchor_std), generator.get_state(), recorded)
+        return start
+
+    def _scales(self, req: "request.Request", plan: "RunPlan", cond: Cond, generator: torch.Generator,
+                start: Resume | None, recorded: dict, *, latents, noise, callback, decode_progress):
+        """DemoFusion's scales, each decoded and yielded as it finishes."""
+        s = req.settings
+        control = None if s["control_image"] is None else make_control(
+            self.controlnets, s["control_image"], s["control_scale"], s["control_start"], s["control_end"],
+            s["guess_mode"], height=s["height"], width=s["width"], base_px=self.base_size, steps=s["steps"])
+        runner = distributed.view_runner(plan.share.group) if plan.share is not None else ViewRunner
+        run = demofusion(self.unet, cond, height=s["height"], width=s["width"], base_px=self.base_size,
+                         window=self.configs.unet.sample_size, steps=s["steps"], guidance_scale=s["guidance"],
+                         generator=generator, stride=s["stride"], view_batch_size=plan.view_batch,
+                         cosine_scale_1=s["c1"], cosine_scale_2=s["c2"], cosine_scale_3=s["c3"], sigma=s["sigma"],
+                         jitter=s["jitter"], latents=latents, noise=noise, scheduler=s["scheduler"], progress=callback,
+                         resume=start, on_out_of_memory=lambda n: log.warning(
+                             "out of memory: continuing with %d view(s) per UNet call (view_batch_size)", n),
+                         runner=runner if control is None else partial(runner, control=control))
+        anchor = (start.anchor_mean, start.anchor_std) if start else None
+        done = start.scale if start else 0
+        while done < len(req.sizes):
+            _reset_peak(self.device)
+            began = time.perf_counter()
+            self._place("unet", plan.kept)
+            scale = next(run)
+            done = scale.scale
+            if not torch.isfinite(scale.latents).all():
+                raise NonFiniteError(f"scale {scale.scale}'s latents contain NaN or inf: the UNet overflowed in "
+                                     f"{str(self.dtype).replace('torch.', '')}; use bfloat16 or float32")
+            if anchor is None:
+                anchor = (scale.latents.mean().item(), scale.latents.std().item())
+            denoised = time.perf_counter() - began
+            self._place("vae", plan.kept)
+            image = self.decode(scale.latents, tiled=plan.decode_tile is not None, tile=plan.decode_tile,
+                                progress=decode_progress, share=plan.share)
+            stats = {"scale": scale.scale, "latent_size": scale.stats.latent_size,
+                     "seconds": time.perf_counter() - began, "denoise_seconds": denoised,
+                     "view_batch_size": plan.view_batch, "decode_tile": plan.decode_tile,
+                     "unet_evaluations": scale.stats.unet_evals, "unet_calls": scale.stats.unet_calls,
+                     "windows": scale.stats.windows, "dilated_views": scale.stats.dilated_views,
+                     "peak_memory_bytes": _peak(self.device)}
+            image.info.update(metadata.info(recorded, image.size, scale.scale, len(req.sizes), self.model_info()))
+            yield Scale(scale.scale, image, scale.latents, stats, anchor, generator.get_state(), recorded)
 
     def generate(self, prompt: str, **kwargs) -> "Result":
         """DemoFusion text-to-image: one image per scale, from the base size up to (height, width).
@@ -517,6 +477,14 @@ class Pipeline:
                 torch.cuda.empty_cache()
             tile = 256 if tile is None else tile // 2
             log.warning("out of memory in the VAE %s: working in tiles of %d px", what, tile)
+
+
+class RunPlan(NamedTuple):
+    view_batch: int
+    decode_tile: int | None  # None: in one piece
+    kept: tuple[str, ...]  # of the UNet and the VAE, those that stay on the device while the other runs
+    share: distributed.TileShare | None  # the group's split of the decode, under view parallelism
+    budgeted: bool  # a memory budget chose the decode tile (the encode then tiles too)
 
 
 @dataclass

@@ -1,8 +1,11 @@
 """The command line, end to end on the tiny model: files, metadata, reproducibility and every user error."""
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from minifusion import __main__ as cli
+from minifusion import __version__, command
 from minifusion.files import latent_path, load_latents
 from minifusion.metadata import parse_a1111
 from minifusion.pipeline import Pipeline
@@ -112,29 +116,29 @@ def test_no_weights_says_what_to_download(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--height", "500"], "height 500 is not a multiple of 8"),
+    (["--height", "500"], "--height 500 is invalid; it is not a multiple of 8"),
     (["--height", "128", "--width", "128"], "below this model's base size"),
     (["--height", "1024", "--width", "32"], "too narrow"),
-    (["--steps", "0"], "num_inference_steps 0 is invalid"),
-    (["--guidance", "nan"], "guidance_scale nan is invalid"),
-    (["--stride", "64"], "stride 64 is invalid; it must be an integer from 1 to the window size, 32"),
-    (["--view-batch", "0"], "view_batch_size 0 is invalid"),
-    (["--view-batch", "100000"], "view_batch_size 100000 is invalid; it must be an integer from 1 to 65536"),
-    (["--height", "0", "--width", "256"], "height 0 is invalid; it must be a positive multiple of 8"),
-    (["--width", "0"], "width 0 is invalid"),
-    (["--width", "-256"], "width -256 is invalid"),
-    (["--stride", "0"], "stride 0 is invalid"),
-    (["--seed", str(2 ** 64)], f"--seed {2 ** 64}: a seed is a whole number from 0 to {2 ** 64 - 1}, or -1"),
-    (["--seed", "-2"], "--seed -2: a seed is a whole number"),
+    (["--steps", "0"], "--steps 0 is invalid; it must be an integer from 1 to 1000"),
+    (["--guidance", "nan"], "--guidance nan is invalid"),
+    (["--stride", "64"], "--stride 64 is invalid; it must be an integer from 1 to the window size, 32"),
+    (["--view-batch", "0"], "--view-batch 0 is invalid"),
+    (["--view-batch", "100000"], "--view-batch 100000 is invalid; it must be an integer from 1 to 65536"),
+    (["--height", "0", "--width", "256"], "--height 0 is invalid; it must be a positive multiple of 8"),
+    (["--width", "0"], "--width 0 is invalid"),
+    (["--width", "-256"], "--width -256 is invalid"),
+    (["--stride", "0"], "--stride 0 is invalid"),
+    (["--seed", str(2 ** 64)], f"--seed {2 ** 64} is invalid; it must be a whole number from 0 to {2 ** 64 - 1}, or -1"),
+    (["--seed", "-2"], "--seed -2 is invalid; it must be a whole number"),
     (["--device", "tpu"], "--device tpu: not a device name; use cuda, cuda:N, mps or cpu"),
     (["--device", "xpu"], "--device xpu: minifusion runs on cuda, mps or cpu, not xpu"),
-    (["--count", "0"], "--count 0: make from 1 to 100000 images"),
-    (["--c1", "-1"], "cosine_scale_1 -1.0 is invalid"),
-    (["--sigma", "0"], "sigma 0.0 is invalid"),
-    (["--sigma", "inf"], "sigma inf is invalid"),
+    (["--count", "0"], "--count 0 is invalid; it must be an integer from 1 to 100000"),
+    (["--c1", "-1"], "--c1 -1.0 is invalid"),
+    (["--sigma", "0"], "--sigma 0.0 is invalid"),
+    (["--sigma", "inf"], "--sigma inf is invalid"),
 ])
 def test_bad_requests_are_refused_before_loading(tiny_file, tmp_path, capsys, monkeypatch, args, message):
-    monkeypatch.setattr(cli, "load", lambda *a, **k: pytest.fail("loaded the model for a bad request"))
+    monkeypatch.setattr(command, "load", lambda *a, **k: pytest.fail("loaded the model for a bad request"))
     code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", tmp_path / "x.png", *args)
     assert code == 2 and message in err and err.count("\n") == 1 and err.startswith("error: "), err
     assert not list(tmp_path.iterdir())
@@ -145,14 +149,14 @@ def test_bad_requests_are_refused_before_loading(tiny_file, tmp_path, capsys, mo
 def test_devices_this_machine_lacks_are_one_line(tiny_file, tmp_path, capsys, monkeypatch, device, message):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    monkeypatch.setattr(cli, "load", lambda *a, **k: pytest.fail("loaded the model for a bad device"))
+    monkeypatch.setattr(command, "load", lambda *a, **k: pytest.fail("loaded the model for a bad device"))
     code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", tmp_path / "x.png", "--device", device)
     assert code == 2 and err.startswith("error: " + message) and err.count("\n") == 1, err
     assert "use --device cpu" in err
 
 
 def test_files_of_the_wrong_kind_say_what_they_are(three_scales, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "load", lambda *a, **k: pytest.fail("loaded a model from the wrong file"))
+    monkeypatch.setattr(command, "load", lambda *a, **k: pytest.fail("loaded a model from the wrong file"))
     _, out = three_scales
     png, text, latents = tmp_path / "model.safetensors", tmp_path / "notes.safetensors", latent_path(out)
     png.write_bytes(out.read_bytes())
@@ -173,7 +177,7 @@ def test_ctrl_c_during_the_start_up_checks_is_one_line(tiny_file, tmp_path, caps
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "inspect_checkpoint", interrupted)
+    monkeypatch.setattr(command, "inspect_checkpoint", interrupted)
     code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", tmp_path / "x.png")
     assert code == 130 and err.strip() == "interrupted before anything was written"
 
@@ -181,7 +185,7 @@ def test_ctrl_c_during_the_start_up_checks_is_one_line(tiny_file, tmp_path, caps
 def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--version"])
-    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"minifusion {cli.metadata.VERSION}"
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"minifusion {__version__}"
 
 
 def test_bad_output_paths(tiny_file, tmp_path, capsys):
@@ -224,14 +228,14 @@ def test_out_of_memory_names_the_knob(tiny_file, tmp_path, capsys, monkeypatch):
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    real_load = cli.load
+    real_load = command.load
 
     def load_with_oom(*a, **k):
         pipe = real_load(*a, **k)
         pipe.unet.forward = oom
         return pipe
 
-    monkeypatch.setattr(cli, "load", load_with_oom)
+    monkeypatch.setattr(command, "load", load_with_oom)
     code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", tmp_path / "x.png", *FAST)
     assert code == 2 and "out of memory even with one view" in err and "--view-batch 1" in err
     assert "kept nothing" in err and "Traceback" not in err
@@ -287,7 +291,7 @@ def test_resume_from_a_damaged_file(tiny_file, tmp_path, capsys):
 
 def test_out_of_memory_halves_the_view_batch_and_keeps_going(tiny_file, tmp_path, capsys, monkeypatch):
     """Fault injection: a UNet that raises torch.OutOfMemoryError on batches of more than 4 rows (2 views)."""
-    real_load = cli.load
+    real_load = command.load
     seen = []
 
     def load_with_small_memory(*a, **k):
@@ -303,7 +307,7 @@ def test_out_of_memory_halves_the_view_batch_and_keeps_going(tiny_file, tmp_path
         pipe.unet.forward = limited
         return pipe
 
-    monkeypatch.setattr(cli, "load", load_with_small_memory)
+    monkeypatch.setattr(command, "load", load_with_small_memory)
     out = tmp_path / "small.png"
     code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", out, "--height", "512", "--view-batch", "8", *FAST)
     assert code == 0, err
@@ -320,14 +324,14 @@ def load_latents_of(png):
 
 
 def test_non_finite_latents_are_an_error_not_a_black_image(tiny_file, tmp_path, capsys, monkeypatch):
-    real_load = cli.load
+    real_load = command.load
 
     def load_nan(*a, **k):
         pipe = real_load(*a, **k)
         pipe.unet.forward = lambda latents, *rest: torch.full_like(latents, float("nan"))
         return pipe
 
-    monkeypatch.setattr(cli, "load", load_nan)
+    monkeypatch.setattr(command, "load", load_nan)
     code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", tmp_path / "nan.png", *FAST)
     assert code == 1 and "NaN or inf" in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())
@@ -343,7 +347,7 @@ def test_full_disk_leaves_no_partial_file(tiny_file, tmp_path, capsys, monkeypat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     real = files.atomic_write
-    monkeypatch.setattr(cli.metadata, "atomic_write", lambda path, write: real(path, full))
+    monkeypatch.setattr(command.metadata, "atomic_write", lambda path, write: real(path, full))
     code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", tmp_path / "full.png", *FAST)
     assert code == 2 and "No space left on device" in err
     assert not list(tmp_path.iterdir())
@@ -361,8 +365,8 @@ def test_a_long_prompt_is_used_whole(tiny_file, tmp_path, capsys):
 
 
 def test_a_size_the_device_cannot_hold_is_refused_with_its_cost(tiny_file, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "device_memory", lambda device: 50 * 2**20)  # a 50 MiB machine
-    monkeypatch.setattr(cli, "load", lambda *a, **k: pytest.fail("loaded the model for a request that cannot fit"))
+    monkeypatch.setattr(command, "device_memory", lambda device: 50 * 2**20)  # a 50 MiB machine
+    monkeypatch.setattr(command, "load", lambda *a, **k: pytest.fail("loaded the model for a request that cannot fit"))
     code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", tmp_path / "x.png", "--height", "2048",
                     "--width", "2048", *FAST)
     assert code == 2 and "needs about" in err and "has 0.0 GiB" in err and "UNet evaluations" in err
@@ -370,12 +374,12 @@ def test_a_size_the_device_cannot_hold_is_refused_with_its_cost(tiny_file, tmp_p
 
 
 def test_force_skips_the_fit_check(tiny_file, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "device_memory", lambda device: 50 * 2**20)
+    monkeypatch.setattr(command, "device_memory", lambda device: 50 * 2**20)
 
     def reached_loading(*a, **k):
         raise RuntimeError("reached loading")
 
-    monkeypatch.setattr(cli, "load", reached_loading)
+    monkeypatch.setattr(command, "load", reached_loading)
     with pytest.raises(RuntimeError, match="reached loading"):
         cli.main(["a cat", "--weights", str(tiny_file), "--out", str(tmp_path / "x.png"), "--height", "2048",
                   "--width", "2048", "--force", *FAST])
@@ -386,9 +390,9 @@ def test_max_memory_picks_view_batch_and_decode_tile(tiny_file, tmp_path, capsys
     code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", out, "--height", "512", "--max-memory",
                     "0.3", *FAST)
     assert code == 0, err
-    cfgs = cli.inspect_checkpoint(tiny_file)
+    cfgs = command.inspect_checkpoint(tiny_file)
     budget = int(0.3 * 2 ** 30)
-    vb, tile, _ = cli.memory.plan(budget, cfgs, 512, 512, torch.float32, "cpu", 16)
+    vb, tile, _ = command.memory.plan(budget, cfgs, 512, 512, torch.float32, "cpu", 16)
     assert f"within 0.30 GiB: {vb} view(s) per UNet call, decode in {tile} px tiles" in err
     assert settings_of(out)["settings"]["max_memory"] == budget
     stats = load_latents(latent_path(out)).stats
@@ -399,7 +403,7 @@ def test_max_memory_picks_view_batch_and_decode_tile(tiny_file, tmp_path, capsys
 
 
 def test_max_memory_too_small_is_refused_before_loading(tiny_file, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "load", lambda *a, **k: pytest.fail("loaded the model for a bad request"))
+    monkeypatch.setattr(command, "load", lambda *a, **k: pytest.fail("loaded the model for a bad request"))
     code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", tmp_path / "x.png", "--height", "512",
                     "--max-memory", "10MiB", *FAST)
     assert code == 2 and err.count("\n") == 1, err
@@ -470,7 +474,7 @@ def test_settings_from_names_weights_that_are_gone(three_scales, tmp_path, capsy
     moved = tmp_path / "moved.png"
     Image.open(out).save(moved, pnginfo=meta)
     code, err = run(capsys, "--settings-from", moved, "--out", tmp_path / "x.png")
-    assert code == 2 and f"the weights it names, {tmp_path / 'gone.safetensors'}, no longer exist; pass --weights" in err
+    assert code == 2 and f"the weights it names, {tmp_path / 'gone.safetensors'}, no longer exists; pass --weights" in err
 
 
 def test_settings_from_an_automatic1111_png(tiny_file, tmp_path, capsys):
@@ -490,10 +494,69 @@ def test_settings_from_an_automatic1111_png(tiny_file, tmp_path, capsys):
 
 
 def test_the_plan_is_said_before_loading(tiny_file, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "load", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(command, "load", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", tmp_path / "x.png", "--height", "768",
                     "--width", "512", *FAST)
     assert code == 130
     # 3 scales; UNet evaluations = 2 (CFG) x 2 steps x (1 + (6 windows + 4 views) + (15 windows + 9 views))
     assert err.splitlines()[0] == ("plan: 3 scale(s) 168x256 -> 336x512 -> 512x768, 140 UNet evaluations, about "
                                    f"{err.split('about ')[1].split(' GiB')[0]} GiB peak on cpu (float32)")
+
+
+def test_settings_from_works_from_another_folder_and_after_a_move(tiny_file, tmp_path, capsys, monkeypatch):
+    """Relative --weights/--lora/--image were recorded as typed, so the PNG named paths that did not resolve from
+    anywhere else; now they are recorded absolute, and a project folder moved whole is still found."""
+    project = tmp_path / "project"
+    (project / "weights").mkdir(parents=True)
+    (project / "outputs").mkdir()
+    os.link(tiny_file, project / "weights" / "tiny.safetensors")
+    Image.new("RGB", (256, 128), (200, 40, 40)).save(project / "photo.png")
+    monkeypatch.chdir(project / "outputs")
+    code, err = run(capsys, "a fox", "--weights", "../weights/tiny.safetensors", "--image", "../photo.png",
+                    "--out", "fox.png", "--steps", "1", "--dtype", "float32", "--device", "cpu", "--seed", "4")
+    assert code == 0, err
+    s = settings_of(project / "outputs" / "fox.png")["settings"]
+    assert s["weights"] == str(project / "weights" / "tiny.safetensors") and s["image"] == str(project / "photo.png")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, err = run(capsys, "--settings-from", "../project/outputs/fox.png", "--out", "again.png", "--dtype",
+                    "float32", "--device", "cpu")
+    assert code == 0, err
+    assert (elsewhere / "again.png").read_bytes() == (project / "outputs" / "fox.png").read_bytes()
+    moved = tmp_path / "moved"
+    project.rename(moved)  # weights, picture and outputs together
+    code, err = run(capsys, "--settings-from", moved / "outputs" / "fox.png", "--out", "after_move.png", "--dtype",
+                    "float32", "--device", "cpu")
+    assert code == 0, err
+    s = settings_of(elsewhere / "after_move.png")["settings"]
+    assert s["weights"] == str(moved / "weights" / "tiny.safetensors") and s["image"] == str(moved / "photo.png")
+    assert Image.open(elsewhere / "after_move.png").tobytes() == Image.open(moved / "outputs" / "fox.png").tobytes()
+
+
+def test_a_weights_folder_holding_one_file_names_and_hashes_that_file(tiny_file, tmp_path, capsys):
+    """The README's layout (weights/ holding the single file) gave `Model: weights` and no hash."""
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    os.link(tiny_file, folder / "tiny_sdxl.safetensors")
+    out = tmp_path / "x.png"
+    code, err = run(capsys, "a fox", "--weights", folder, "--out", out, "--steps", "1", *SMALL, "--dtype", "float32",
+                    "--device", "cpu", "--seed", "1")
+    assert code == 0, err
+    params = parse_a1111(Image.open(out).text["parameters"])
+    assert params["Model"] == "tiny_sdxl"
+    assert params["Model hash"] == hashlib.sha256(tiny_file.read_bytes()).hexdigest()[:10]
+    assert settings_of(out)["settings"]["weights"] == str(folder / "tiny_sdxl.safetensors")
+
+
+def test_ctrl_c_while_starting_is_one_line(tiny_file, tmp_path):
+    """SIGINT while the command imports torch and checks the request (the first seconds) printed a 40-line
+    KeyboardInterrupt traceback; the README promises one line at any point."""
+    for delay in (0.3, 1.5):
+        proc = subprocess.Popen([sys.executable, "-m", "minifusion", "a cat", "--weights", str(tiny_file), "--out",
+                                 str(tmp_path / "x.png"), "--device", "cpu"], stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=60)[1]
+        assert proc.returncode == 130, err
+        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted"), err

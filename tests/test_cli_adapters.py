@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from helpers import write_adapters
 from minifusion import __main__ as cli
+from minifusion import __version__, command
 from minifusion.metadata import parse_a1111
 
 FAST = ["--steps", "1", "--dtype", "float32", "--device", "cpu", "--seed", "0", "--height", "512", "--width", "512"]
@@ -71,12 +72,40 @@ def test_each_changes_the_image_and_comes_back_with_settings_from(tiny_file, ada
 def test_control_flags_must_pair_up(tiny_file, adapters, tmp_path, capsys):
     code, err = run(capsys, "a fox", "--weights", tiny_file, "--out", tmp_path / "x.png", *FAST,
                     "--controlnet", adapters / "cn")
-    assert code == 2 and "1 --controlnet but 0 --control-image" in err and err.count("\n") == 1
-    # a colon not followed by a number belongs to the path, which then does not exist
+    assert code == 2 and "1 --controlnet but no --control-image" in err and err.count("\n") == 1
+    # a colon after an existing file is a weight, and "lots" is not one (it was called a missing file)
     code, err = run(capsys, "a fox", "--weights", tiny_file, "--out", tmp_path / "x.png", *FAST,
                     "--lora", f"{adapters}/style.safetensors:lots")
-    assert code == 2 and f"{adapters}/style.safetensors:lots" in err and err.count("\n") == 1, err
+    assert code == 2 and "the weight 'lots' is not a number" in err and err.count("\n") == 1, err
+    assert "no such" not in err
+    # with no such file before the colon, the colon belongs to the path, which then does not exist
+    code, err = run(capsys, "a fox", "--weights", tiny_file, "--out", tmp_path / "x.png", *FAST,
+                    "--lora", f"{adapters}/other.safetensors:lots")
+    assert code == 2 and f"{adapters}/other.safetensors:lots" in err and err.count("\n") == 1, err
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("flags,names", [
+    (["--control-start", "0.8", "--control-end", "0.2"], "--control-start 0.8 and --control-end 0.2"),
+    (["--control-start", "0.5", "--control-end", "0.5"], "--control-start 0.5 and --control-end 0.5"),
+    (["--control-start", "1.5"], "--control-start 1.5 is invalid"),
+])
+def test_controlnet_start_and_end_are_refused_before_loading(tiny_file, adapters, tmp_path, capsys, monkeypatch,
+                                                             flags, names):
+    """They were checked only after the whole model had loaded, and refused with a ValueError traceback."""
+    monkeypatch.setattr(command, "load", lambda *a, **k: pytest.fail("loaded the model for a bad request"))
+    code, err = run(capsys, "a fox", "--weights", tiny_file, "--out", tmp_path / "x.png", *FAST,
+                    "--controlnet", adapters / "cn", "--control-image", adapters / "square.png", *flags)
+    assert code == 2 and err.startswith(f"error: {names}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("flags", [["--canny"], ["--control-scale", "0.5"], ["--control-start", "0.2"],
+                                   ["--control-end", "0.7"], ["--guess-mode"]])
+def test_control_flags_without_a_controlnet_are_refused_not_ignored(tiny_file, tmp_path, capsys, monkeypatch, flags):
+    monkeypatch.setattr(command, "load", lambda *a, **k: pytest.fail("loaded the model for a bad request"))
+    code, err = run(capsys, "a fox", "--weights", tiny_file, "--out", tmp_path / "x.png", *FAST, *flags)
+    assert code == 2 and err.startswith(f"error: {flags[0]} steers a ControlNet: give --controlnet and "
+                                        "--control-image too") and err.count("\n") == 1, err
 
 
 def test_a_bad_lora_is_one_line_before_the_checkpoint_loads(tiny_file, tmp_path, capsys):

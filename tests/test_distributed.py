@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from minifusion.decode import decode_tiled
 from minifusion.distributed import assign, images_of_rank
@@ -141,11 +142,39 @@ def test_torchrun_splits_several_images_over_the_ranks(tiny_file, cli_alone, tmp
     assert "rank 1: wrote" in proc.stderr  # each rank writes its own images
 
 
+def test_without_a_seed_the_ranks_share_the_one_drawn(tiny_file, tmp_path):
+    """Every rank drew its own seed, so the ranks' views disagreed from scale 2 on and no seed reproduced the
+    image; with --count, rank 1's files carried another seed than the one printed. The seed is drawn once."""
+    small = ["a red fox", "--height", "512", "--width", "256", "--steps", "2", "--device", "cpu", "--dtype", "float32"]
+    ranks, alone = tmp_path / "ranks", tmp_path / "alone"
+    ranks.mkdir()
+    alone.mkdir()
+    proc = torchrun(2, "-m", "minifusion", *small, "--weights", tiny_file, "--out", ranks / "fox.png")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seed = json.loads(Image.open(ranks / "fox.png").text["minifusion"])["settings"]["seed"]
+    assert proc.stderr.count(f"seed {seed} (drawn at random") == 1
+    done = subprocess.run([sys.executable, "-m", "minifusion", *small, "--seed", str(seed), "--weights",
+                           str(tiny_file), "--out", str(alone / "fox.png")], capture_output=True, text=True,
+                          timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert files_of(ranks) == files_of(alone)  # PNGs byte for byte, latents bit for bit
+    many = tmp_path / "many"
+    many.mkdir()
+    proc = torchrun(2, "-m", "minifusion", *small, "--steps", "1", "--count", "2", "--weights", tiny_file,
+                    "--out", many / "fox.png")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = int(proc.stderr.split("seed ", 1)[1].split(" ")[0])
+    names = sorted(p.name for p in many.glob("fox-*.png") if ".x1." not in p.name)
+    assert names == [f"fox-00001-{first}.png", f"fox-00002-{first + 1}.png"]
+    for name, seed in zip(names, (first, first + 1)):  # rank 1 wrote the second, under the shared seed + 1
+        assert json.loads(Image.open(many / name).text["minifusion"])["settings"]["seed"] == seed
+
+
 def test_a_bad_request_under_torchrun_is_said_once(tiny_file, tmp_path):
     proc = torchrun(2, "-m", "minifusion", "a cat", "--weights", tiny_file, "--out", tmp_path / "x.png",
                     "--height", "500", timeout=120)
     assert proc.returncode != 0
-    assert proc.stderr.count("error: height 500 is not a multiple of 8") == 1
+    assert proc.stderr.count("error: --height 500 is invalid; it is not a multiple of 8") == 1
     # no rank raised (torchrun then prints its frames as "[rankN]: ..."); torchrun's own report of the exit
     # status follows, which is torchrun's doing
     assert "[rank" not in proc.stderr and "minifusion/__main__.py" not in proc.stderr

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from minifusion import __main__ as cli
+from minifusion import __version__, command
 from minifusion.encode import load_image
 
 
@@ -64,7 +65,7 @@ def test_cli_end_to_end_with_any_picture_mode(tiny_file, tmp_path, capsys, mode)
     (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x01\x00", "truncated"),
 ])
 def test_cli_refuses_bad_pictures_before_loading(tiny_file, tmp_path, capsys, monkeypatch, content, message):
-    monkeypatch.setattr(cli, "load", lambda *a, **k: pytest.fail("loaded the model for a bad picture"))
+    monkeypatch.setattr(command, "load", lambda *a, **k: pytest.fail("loaded the model for a bad picture"))
     bad = tmp_path / "bad.png"
     bad.write_bytes(content)
     code = cli.main(["x", "--image", str(bad), "--weights", str(tiny_file), "--out", str(tmp_path / "o.png")])
