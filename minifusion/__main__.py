@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 
-from .settings import RUN, GiB, ROWS, VERSION, Setting, parse_size
+from .settings import RUN, GiB, ROWS, VERSION, Setting, cli_word, parse_size
 
 
 def _memory_size(text: str) -> int:
@@ -29,7 +29,7 @@ def _memory_size(text: str) -> int:
 
 def _help(s: Setting) -> str:
     shown = s.default is not None and s.kind is not bool and not s.many and not s.resolved
-    return s.help + (f" (default {s.default:g})" if shown and isinstance(s.default, float) else
+    return s.described(cli_word) + (f" (default {s.default:g})" if shown and isinstance(s.default, float) else
                      f" (default {s.default})" if shown else "")
 
 
@@ -40,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"minifusion {VERSION}")
     for s in ROWS:
         if s.name == "prompt":
-            ap.add_argument("prompt", nargs="?", help=s.help)
+            ap.add_argument("prompt", nargs="?", help=s.described(cli_word))
             continue
         # a recorded setting not given is None, so that --settings-from and --resume may set it
         kw = {"dest": s.name, "help": _help(s), "default": s.default if s.part == RUN else None}

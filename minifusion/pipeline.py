@@ -24,7 +24,7 @@ from .demofusion import Resume, demofusion, scale_sizes
 from .files import SavedScale
 from .lora import Applied, infotext, open_loras
 from .prompt import Chunk, encode_rows, pad_rows, to_chunks
-from .settings import SettingError
+from .settings import GENERATE, ROWS, SettingError
 from .tokenizer import Tokenizer
 from .vae_file import inspect_vae, swap_in, vae_dtype_for
 from .views import Cond, ViewRunner, is_out_of_memory
@@ -351,31 +351,32 @@ class Pipeline:
     def generate(self, prompt: str, **kwargs) -> "Result":
         """DemoFusion text-to-image: one image per scale, from the base size up to (height, width).
 
-        Knobs as the reference DemoFusion pipeline: view_batch_size (views per UNet call, default 16; lower it to
-        save memory), stride (local window stride in latents; default half the window, 64 for SDXL),
-        cosine_scale_1/2/3 (skip residual, fusion and blur decay), sigma (blur std), multi_decoder (tiled
-        decode), plus jitter=False, latents (phase-1 noise) and noise (one re-noising tensor per scale >= 2) to
-        compare runs number for number. `seed` alone reproduces a run on the same device.
-        callback(scale, step, steps, unet_evaluations) after each step.
-        image: a picture (PIL image or path) that replaces phase 1 (image-to-image upscaling); height and
-        width then default to 2 x base on its longer side and follow its aspect ratio.
+        The settings (below, from minifusion.settings: diffusers' names, the reference DemoFusion pipeline's knobs)
+        are resolved and checked before any work (minifusion.request): a bad one is a ValueError naming it. `seed`
+        reproduces a run on the same device; none (or -1) draws one, recorded in the images' metadata.
+        image: a picture (PIL image or path) that replaces phase 1 (image-to-image upscaling); height and width
+        then default to 2 x base on its longer side and follow its aspect ratio.
         max_memory: a budget for the compute device (bytes, or text such as "8GiB"): view_batch_size (at most
         the one given) and the decode tile are the largest the memory model (minifusion.memory) predicts to fit,
         the decode tiled even with multi_decoder=False when one piece would not fit. If nothing fits with the
         UNet and the VAE both resident, each waits on the host while the other runs (the UNet's weights cross
-        to the host and back once per scale). ValueError, naming the least memory that would do, when nothing
-        fits at all. A prediction: out-of-memory recovery still stands behind it.
+        to the host and back once per scale). A prediction: out-of-memory recovery still stands behind it.
         control_image: steer with the ControlNets of `load(controlnet=...)`, one condition image each (PIL image,
         path, or float tensor (1, 3, H, W) in [0, 1]; a list for several), resized to phase 1's size and cut for
-        every view as the official DemoFusion ControlNet pipeline does (minifusion.controlnet);
-        controlnet_conditioning_scale (strength), control_guidance_start / control_guidance_end (the fraction of
-        each scale's steps it acts in) and guess_mode as diffusers' ControlNet pipelines take them, a list giving
-        one value per ControlNet. Without control_image the ControlNets stay idle.
+        every view as the official DemoFusion ControlNet pipeline does (minifusion.controlnet); the control
+        settings as diffusers' ControlNet pipelines take them, a list giving one value per ControlNet. Without
+        control_image the ControlNets stay idle.
+
+        Beside the settings: callback(scale, step, steps, unet_evaluations) after each step; decode_progress(done,
+        tiles); latents (phase-1 noise) and noise (one re-noising tensor per scale >= 2), with jitter=False, to
+        compare runs number for number; resume (a finished scale, minifusion.files.load_latents) to continue;
         view_parallel: when a torch.distributed default group of more than one rank is initialised, every rank
         calls generate with the same arguments, shares the work of each step and of the decode (exact: the same
         result as one process; minifusion.distributed) and gets the same Result; False runs this process alone.
         record: more settings to record in the images' metadata (the command line's own).
         Keywords take generate()'s names; the command line's (steps, negative, ...) get a TypeError naming them.
+
+        Settings:
         """
         result = Result()
         for scale in self.iter_generate(prompt, **kwargs):
@@ -522,3 +523,11 @@ def _peak(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak RSS so far (Linux: KiB)
+
+
+def _settings_doc() -> str:
+    rows = [r for r in ROWS if r.part == GENERATE and r.api not in (None, "prompt")]
+    return "\n".join(f"        {r.api}={r.default!r}: {r.described(lambda o: o.api or o.option)}" for r in rows) + "\n"
+
+
+Pipeline.generate.__doc__ += _settings_doc()

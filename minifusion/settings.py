@@ -30,7 +30,7 @@ GENERATE, LOAD, RUN = "generate", "load", "run"  # what a setting belongs to: a 
 class Setting:
     name: str  # the command line's (--name) and the PNG JSON's key
     api: str | None  # generate()'s keyword (load()'s where part is LOAD); None: the command line's own
-    help: str  # one line, for --help, the README and the page's tooltips
+    help: str  # one line, for --help, the README and the page's tooltips; {name} words another setting
     default: Any = None  # None: none, or worked out per request (the help says how)
     kind: type = str  # int, float, bool or str (paths are str)
     low: float | None = None  # the range of a number: low <= v <= high (low < v where above_low)
@@ -50,6 +50,10 @@ class Setting:
     def option(self) -> str:
         return self.flag or "--" + self.name.replace("_", "-")
 
+    def described(self, word: Callable[["Setting"], str]) -> str:
+        """The help, naming the settings it mentions with word(setting) (a flag, a keyword, a field's label)."""
+        return re.sub(r"\{(\w+)\}", lambda m: word(BY_NAME[m.group(1)]), self.help)
+
 
 def _range(low, high) -> dict:
     return {"low": low, "high": high}
@@ -62,9 +66,9 @@ ROWS = (
     Setting("negative", "negative_prompt", "negative prompt (default: none, i.e. zero embeddings as SDXL base)",
             label="Negative prompt"),
     Setting("height", "height", "final height in px, a multiple of 8 (default: twice the base size, or following "
-            "the --image's aspect)", kind=int, label="Height", rule="a positive multiple of 8"),
+            "the {image}'s aspect)", kind=int, label="Height", rule="a positive multiple of 8"),
     Setting("width", "width", "final width in px, a multiple of 8 (default: twice the base size, or following the "
-            "--image's aspect)", kind=int, label="Width", rule="a positive multiple of 8"),
+            "{image}'s aspect)", kind=int, label="Width", rule="a positive multiple of 8"),
     Setting("steps", "num_inference_steps", "denoising steps per scale", 50, int, **_range(1, 1000), a1111="Steps",
             label="Steps per scale"),
     Setting("scheduler", "scheduler", "the sampler", "ddim", choices=("ddim", "euler"), a1111="Sampler",
@@ -76,7 +80,7 @@ ROWS = (
             label="Seed (-1: random)", rule=f"a whole number from 0 to {SEED_MAX}, or -1 for a random one"),
     Setting("stride", "stride", "local window stride in latents (default: half the window, 64 for SDXL)", kind=int,
             low=1, a1111="DemoFusion stride", label="Stride (latents)"),
-    Setting("view_batch", "view_batch_size", "views per UNet call (default 16, or the most --max-memory allows, or "
+    Setting("view_batch", "view_batch_size", "views per UNet call (default 16, or the most {max_memory} allows, or "
             "what spreads the calls over the ranks); lower it if memory runs out", 16, int,
             **_range(1, MAX_VIEW_BATCH), a1111="DemoFusion view batch", label="View batch (blank: 16, or the most "
             "the budget allows)", resolved=True),
@@ -92,23 +96,23 @@ ROWS = (
             a1111="DemoFusion jitter", label="window jitter", flag="--no-jitter"),
     Setting("tiled_decode", "multi_decoder", "decode each scale in tiles (the same image as in one piece, less "
             "memory)", True, bool, a1111="DemoFusion tiled decode", label="tiled decode", flag="--no-tiled-decode"),
-    Setting("image", "image", "upscale this picture: it replaces the base scale (image-to-image); --height/--width "
+    Setting("image", "image", "upscale this picture: it replaces the base scale (image-to-image); {height}/{width} "
             "then default to at least its size, keeping its aspect", label="Drop a picture: it replaces the base "
             "scale", kind=object, metavar="IMG"),
-    Setting("max_memory", "max_memory", "a device memory budget, e.g. 8 (GiB), 12GiB, 500MiB: picks --view-batch "
+    Setting("max_memory", "max_memory", "a device memory budget, e.g. 8 (GiB), 12GiB, 500MiB: picks {view_batch} "
             "and the decode tile to stay under it (predicted by minifusion/memory)", a1111="DemoFusion max memory",
             label="Memory budget (e.g. 8GiB; blank: none)", kind=object, metavar="SIZE"),
-    Setting("control_image", "control_image", "the condition image of each --controlnet (edges, depth, pose, ...)",
+    Setting("control_image", "control_image", "the condition image of each {controlnet} (edges, depth, pose, ...)",
             kind=object, label="Control image", many=True, metavar="IMG"),
     Setting("control_scale", "controlnet_conditioning_scale", "ControlNet strength, one for all or one per "
-            "--controlnet", 1.0, float, -math.inf, math.inf, label="Control scale", many=True, metavar="S"),
+            "{controlnet}", 1.0, float, -math.inf, math.inf, label="Control scale", many=True, metavar="S"),
     Setting("control_start", "control_guidance_start", "fraction of each scale's steps before the ControlNet acts",
             0.0, float, 0, 1, label="Start (of each scale's steps)", many=True, metavar="A"),
     Setting("control_end", "control_guidance_end", "fraction of each scale's steps after which the ControlNet "
             "stops", 1.0, float, 0, 1, label="End", many=True, metavar="B"),
     Setting("guess_mode", "guess_mode", "ControlNet on the conditional rows only, residuals scaled from 0.1 to 1 "
             "(diffusers')", False, bool, label="guess mode"),
-    Setting("canny", None, "make each condition from its --control-image with the Canny edge detector (thresholds "
+    Setting("canny", None, "make each condition from its {control_image} with the Canny edge detector (thresholds "
             "100/200, as the official demo)", False, bool, label="Canny edges of the control image"),
     # the model: what load() is given
     Setting("weights", "path", "SDXL .safetensors file or diffusers folder (default: weights/)", part=LOAD),
@@ -118,7 +122,7 @@ ROWS = (
             "float16 on GPUs)", part=LOAD, label="VAE"),
     Setting("embedding", "embeddings", "an SDXL textual-inversion embedding .safetensors; its file name (without "
             ".safetensors) is the word that calls it; repeatable", many=True, part=LOAD, metavar="PATH"),
-    Setting("controlnet", "controlnet", "an SDXL ControlNet (file or folder); repeatable, one --control-image each",
+    Setting("controlnet", "controlnet", "an SDXL ControlNet (file or folder); repeatable, one {control_image} each",
             many=True, part=LOAD, metavar="PATH", label="ControlNet"),
     Setting("device", "device", "cuda, cuda:N, mps or cpu (default: the first available)", part=LOAD),
     Setting("dtype", "dtype", "default: float16 on GPUs; on CPUs bfloat16 where the CPU has it in hardware, else "
@@ -126,12 +130,12 @@ ROWS = (
     # the command line's run
     Setting("out", None, "final image; scales go to NAME.xS.png (default: numbered files in outputs/)", part=RUN),
     Setting("count", None, "images to make, with seeds seed, seed+1, ...", 1, int, 1, 100_000, part=RUN),
-    Setting("prompts", None, "a text file of prompts, one a line: one image each (times --count)", part=RUN,
+    Setting("prompts", None, "a text file of prompts, one a line: one image each (times {count})", part=RUN,
             metavar="FILE"),
     Setting("settings_from", None, "take the prompt and settings (weights, LoRAs, ... too) from a PNG minifusion or "
             "Automatic1111 wrote (flags still override)", part=RUN, metavar="PNG"),
     Setting("resume", None, "continue from a finished scale's .latent.safetensors with its settings (flags still "
-            "override; --height/--width may go larger at the same aspect)", part=RUN, metavar="LATENTS"),
+            "override; {height}/{width} may go larger at the same aspect)", part=RUN, metavar="LATENTS"),
     Setting("overwrite", None, "replace existing output files", False, bool, part=RUN),
     Setting("force", None, "run even when the size looks too large for the device", False, bool, part=RUN),
     Setting("timeout", None, "under torchrun: how long a rank waits for the others before giving up", 1800.0, float,

@@ -44,7 +44,7 @@ def test_the_command_lines_defaults_and_help_come_from_the_rows():
         if s.name == "prompt":
             continue
         a = actions[s.name]
-        assert a.help.startswith(s.help), s.name
+        assert a.help.startswith(s.described(cli_word)), s.name
         # a recorded setting not given stays None (a PNG's or a resumed run's value may fill it); a run's own
         # flags default to their row's
         assert a.default == (s.default if s.part == RUN else None), s.name
