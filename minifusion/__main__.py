@@ -87,7 +87,7 @@ def parse_args(argv):
                     "runs out")
     ap.add_argument("--max-memory", type=memory_size, dest="max_memory", metavar="SIZE",
                     help="a device memory budget, e.g. 8 (GiB), 12GiB, 500MiB: picks --view-batch and the decode "
-                    "tile to stay under it (predicted by minifusion/memory.py)")
+                    "tile to stay under it (predicted by minifusion/memory/)")
     ap.add_argument("--c1", type=float, help="cosine_scale_1, skip-residual decay (default 3)")
     ap.add_argument("--c2", type=float, help="cosine_scale_2, dilated-sampling weight decay (default 1)")
     ap.add_argument("--c3", type=float, help="cosine_scale_3, Gaussian blur decay (default 1)")

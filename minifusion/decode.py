@@ -193,7 +193,7 @@ class _Stages:
             out.rows(y0, y1)[..., x0:x1] = y
             if moments:
                 stats.append(self._moments(y))
-            del t, y  # not alive while the next tile is fetched: the working set is one tile's, as memory.py assumes
+            del t, y  # not alive while the next tile is fetched: the working set is one tile's, as memory/decoding.py assumes
             self.step()
         if moments:
             out.moments = self.share.moments(stats, shares, (B, self.groups, 2))

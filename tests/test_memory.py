@@ -275,7 +275,7 @@ def test_denoising_prediction_is_the_sampler_run_at_that_size(view_batch):
 def test_denoising_prediction_is_the_sampler_run_for_sdxl(monkeypatch):
     """SDXL's geometry (128-latent windows, 1024 px base), the sampler's bytes alone: UNet activations of none."""
     nothing = memory.ActivationProfile(0, 0, 0.0)
-    monkeypatch.setattr(memory, "activation_profile", lambda *args, **kwargs: nothing)
+    monkeypatch.setattr(memory.budget, "activation_profile", lambda *args, **kwargs: nothing)  # where predict looks
     _check_denoise(SDXL, 3072, 2048, 96, 4, F16, nothing)
 
 
