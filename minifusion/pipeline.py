@@ -17,7 +17,7 @@ from . import distributed, memory, metadata
 from .checkpoint import Configs, inspect_checkpoint, load_components
 from .controlnet import make_control
 from .controlnet_file import inspect_controlnet, load_controlnet
-from .decode import decode_tiled
+from .decode import TileShare, decode_tiled
 from .embeddings import Embedding, load_embeddings
 from .encode import base_scale_size, encode_tiled, load_image, open_image, sample_latents
 from .demofusion import Resume, demofusion, scale_sizes
@@ -321,7 +321,7 @@ class Pipeline:
         try:
             self._place(None, kept)
             runner = distributed.view_runner(group) if group is not None else ViewRunner
-            share = distributed.TileShare(group, self.device) if group is not None else None
+            share = distributed.GroupShare(group, self.device) if group is not None else None
             if group is None:
                 context, pooled = self.encode_prompt(prompt, negative_prompt)
             else:  # encoded once, on rank 0: the other ranks need not hold the text encoders
@@ -474,7 +474,7 @@ class Pipeline:
     @torch.no_grad()
     def encode_image(self, image: Image.Image | str | Path, height: int, width: int,
                      generator: torch.Generator | None = None, tile: int | None = None,
-                     share: distributed.TileShare | None = None) -> torch.Tensor:
+                     share: TileShare | None = None) -> torch.Tensor:
         """The scaled latents of a picture resized to phase 1's size for a height x width run: a sample of
         the VAE's latent distribution (as the reference does), drawn from `generator`. Encoded in one piece,
         or in tiles of `tile` px (the same result, see encode.py); out of memory, in ever smaller tiles.
@@ -491,7 +491,7 @@ class Pipeline:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tiled: bool = True, tile: int = 256,
                progress: bool | Callable[[int, int], None] | None = None,
-               share: distributed.TileShare | None = None) -> Image.Image:
+               share: TileShare | None = None) -> Image.Image:
         """Latents (scaled, as the sampler returns them) -> PIL image. share: split the tiles over the ranks of a
         group (minifusion.distributed)."""
         z = (latents / self.configs.vae.scaling_factor).to(self.vae.post_quant_conv.weight.dtype)

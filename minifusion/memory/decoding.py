@@ -4,8 +4,8 @@ decoding = max over decode_tiled's stages of one tile's working set + the stage'
 mid attention's keys and values); decode.py keeps the full feature maps on the host, reported apart as host bytes.
 Per stage: bytes bilinear in the tile's sides where the stage is one tile, its map-wide buffers, the bytes each
 tile keeps, and the halo a tile reads beyond itself, from runs where every stage is one tile and runs where each
-stage computes one interior tile only (decode.py's `share` seam picks the tiles). Exact where every stage is one
-tile; otherwise each stage's largest tile with the widest halo: an upper bound, a few percent over.
+stage computes one interior tile only (`StageProbe`, a decode.TileShare, picks the tiles). Exact where every
+stage is one tile; otherwise each stage's largest tile with the widest halo: an upper bound, a few percent over.
 """
 from __future__ import annotations
 
@@ -15,46 +15,43 @@ from typing import Callable
 import torch
 
 from ..config import VAEConfig
-from ..decode import Alone, _spans, decode_tiled
+from ..decode import Alone, Box, _Map, _spans, decode_tiled
 from ..models.vae import VAE
 from .cache import _dot, _least_squares, _Measured
 from .tracker import CPUAttentionOnMeta, MemoryTracker, _meta, _StageTracker
 
 
-class _Probe:
-    """decode.py's tile-share protocol (as decode.Alone) for measuring: each stage computes only `pick(tiles)`,
-    keeps its maps whole (so any tile's halo can be read) and tells the tracker where it begins."""
-    rank = 0
+class StageProbe(Alone):
+    """A TileShare for measuring a decode_tiled run stage by stage: `begin(tiles)` is told where each stage starts
+    (its tile count) and returns the stage's record, into which the probe writes the stage's output map size
+    ("size") and the bytes of one tile's moments ("entry"). Each stage computes only `pick(tiles)` (default all;
+    it measures, it need not decode) and keeps its maps whole, so any tile's halo can be read."""
 
-    def __init__(self, tracker: _StageTracker, pick: Callable[[list], list]):
-        self.tracker, self.pick = tracker, pick
+    def __init__(self, begin: Callable[[int], dict], pick: Callable[[list[Box]], list[Box]] = lambda tiles: tiles):
+        self.begin, self.pick = begin, pick
+        self.stage: dict = {}
 
-    def split(self, tiles):  # every stage starts by splitting its tiles
-        self.tracker.begin(len(tiles))
+    def split(self, tiles: list[Box]) -> list[list[Box]]:
+        self.stage = self.begin(len(tiles))
         return [self.pick(tiles)]
 
-    def band(self, data, shares, height):
-        self.tracker.stages[-1]["size"] = (height, data.shape[3])
+    def band(self, data: torch.Tensor, shares: list[list[Box]], height: int) -> _Map:
+        self.stage["size"] = (height, data.shape[3])
         if data.shape[2] != height:
             data = torch.empty(data.shape[0], data.shape[1], height, data.shape[3], dtype=data.dtype,
                                device=data.device)
-        return Alone().band(data, shares, height)
+        return super().band(data, shares, height)
 
-    def fetch(self, x, needs):
-        return x
+    def moments(self, mine: list[torch.Tensor], shares: list[list[Box]], shape: tuple[int, ...]) -> torch.Tensor:
+        self.stage["entry"] = mine[0].untyped_storage().nbytes() if mine else 0
+        return super().moments(mine, shares, shape)
 
-    def moments(self, mine, shares, shape):
-        self.tracker.stages[-1]["entry"] = mine[0].untyped_storage().nbytes() if mine else 0
-        return Alone().moments(mine, shares, shape)
-
-    def each(self, tiles, shares, compute, store, step, shapes):
+    def each(self, tiles: list[Box], shares: list[list[Box]], compute: Callable, store: Callable,
+             step: Callable[[], None], shapes: Callable) -> None:
         for i, box in enumerate(tiles):
             if box in shares[0]:
                 store(i, *compute(box))
                 step()
-
-    def whole(self, x):
-        return x.data
 
 
 @torch.no_grad()
@@ -62,7 +59,7 @@ def _decode_stages(cfg: VAEConfig, dtype: torch.dtype, h: int, w: int, tile: int
     vae, tracker = _meta(VAE, cfg, dtype), _StageTracker()  # built outside: its weights are not the decode's
     z = torch.zeros(1, cfg.latent_channels, h, w, dtype=dtype, device="meta")
     with CPUAttentionOnMeta(), tracker:
-        decode_tiled(vae, z, tile=tile, storage="meta", share=_Probe(tracker, pick))
+        decode_tiled(vae, z, tile=tile, storage="meta", share=StageProbe(tracker.begin, pick))
     tracker.stages = [s for s in tracker.stages if s["allocated"]]  # the dry run that counts tiles allocates nothing
     return tracker
 

@@ -89,7 +89,7 @@ class CPUAttentionOnMeta(TorchFunctionMode):
 
 
 class _StageTracker(MemoryTracker):
-    """MemoryTracker that splits a decode_tiled run into its stages (`begin`, told by decoding._Probe) and
+    """MemoryTracker that splits a decode_tiled run into its stages (`begin`, told by decoding.StageProbe) and
     notes, at each stage's peak, the live bytes of the stage's map-wide device buffers (MAP_BUFFERS)."""
 
     def __init__(self):
