@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from .config import SDXL_VAE, TextConfig, UNetConfig, VAEConfig
+from .families import CHECKPOINTS, PICKLE_SUFFIXES, identify, pipeline_family
 from .keyops import apply_op
 from .models import clip, unet, vae
 from .safetensors_check import DTYPES, CheckpointError, SafetensorsFile, show
@@ -55,7 +56,6 @@ DIFFUSERS_FOLDER = {
 }
 DIFFUSERS_OPTIONAL = ("text_model.embeddings.position_ids", "embeddings.position_ids")
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 NEED = "minifusion needs SDXL base 1.0 or a fine-tune of it as a .safetensors file"
 SHOWN = 5  # how many offending keys an error lists per kind
 JSON_LIMIT = 50_000_000  # config.json / index.json; SDXL's largest, the UNet index, is about 100 kB
@@ -117,64 +117,6 @@ def _first_line(e: Exception) -> str:
 
 def _op_shape(shape: tuple[int, ...], op: str) -> tuple[int, ...]:
     return tuple(apply_op(torch.empty(shape, device="meta"), op).shape)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Which family a set of keys belongs to, so a wrong file gets a name rather than a list of 2000 missing keys.
-
-# Key names as the releases carry them: v1-5-pruned (SD 1.x), v2-1_768-ema-pruned (SD 2.x), sd_xl_refiner_1.0,
-# sd3_medium, flux1-dev (bare, and ComfyUI's model.diffusion_model. repack), diffusers transformers, and LoRAs
-# in the kohya-ss, LyCORIS, diffusers and PEFT namings; diffusers' CHECKPOINT_KEY_NAMES uses the same markers.
-# Order matters: a LoRA names the layers of the model it patches, so it is tested first; Flux before SD3, since
-# an all-in-one Flux file also carries the T5 encoder SD3 uses.
-FAMILIES = [
-    ("a LoRA / LyCORIS adapter (an add-on that patches a base model, not a model itself)",
-     r"^(lora_(unet|te\d?|transformer)_|lycoris_)|\.(lora_(down|up|A|B)|lora\.(down|up)|lora_magnitude_vector)\."
-     r"|_lora\.(down|up)\.|\.(hada_w[12]_[ab]|lokr_w[12](_[ab])?)$"),
-    ("a Flux checkpoint",
-     r"^(model\.diffusion_model\.)?(double|single)_blocks\.\d|^(transformer\.)?single_transformer_blocks\.\d"),
-    ("a Stable Diffusion 3 checkpoint", r"^(model\.diffusion_model\.)?joint_blocks\.\d"),
-    ("a Stable Diffusion 3 transformer (diffusers layout)",
-     r"^(transformer\.)?transformer_blocks\.\d+\.attn\.add_q_proj\."),
-    ("a Stable Diffusion 1.x checkpoint", r"^cond_stage_model\.transformer\."),
-    ("a Stable Diffusion 2.x checkpoint", r"^cond_stage_model\.model\."),
-    # the refiner conditions on bigG alone, which it keeps in the first embedder slot (the base has CLIP-L there)
-    ("an SDXL refiner checkpoint (minifusion needs the SDXL base model)", r"^conditioner\.embedders\.0\.model\."),
-    ("Playground v2.5 (SDXL's architecture trained for the EDM noise schedule, which minifusion does not run)",
-     r"^edm_(mean|std)$"),
-]
-# Files that hold one component only: every key matches.
-PARTS = [
-    ("a VAE on its own (minifusion needs the full checkpoint: UNet, VAE and both text encoders)",
-     r"^(first_stage_model\.|vae\.)?(encoder|decoder|quant_conv|post_quant_conv)\."),
-    ("a UNet on its own (minifusion needs the full checkpoint: UNet, VAE and both text encoders)",
-     r"^model\.diffusion_model\."),
-    ("the UNet file of a diffusers-layout folder; pass the folder (the one holding model_index.json) instead",
-     r"^(conv_in|conv_out|conv_norm_out|time_embedding|add_embedding|down_blocks|up_blocks|mid_block)\."),
-    ("a CLIP text encoder on its own (minifusion needs the full checkpoint)",
-     r"^(text_model\.|text_projection|logit_scale$|transformer\.resblocks\.|token_embedding\.|positional_embedding$"
-     r"|ln_final\.)"),
-    ("a textual-inversion embedding (an add-on to a prompt, not a model)",
-     r"^(clip_[lg]|emb_params|string_to_param\..+|string_to_token\..+)$"),
-    ("a minifusion latents file (a finished scale of a run: continue it with --resume, not --weights)",
-     r"^(latents|generator_state)$"),
-]
-
-
-def identify_family(keys) -> str | None:
-    """A human name for a non-SDXL checkpoint recognised from its keys, or None."""
-    keys = list(keys)
-    if not keys:
-        return "an empty safetensors file (it holds no tensors)"
-    for name, pattern in FAMILIES:
-        rx = re.compile(pattern)
-        if any(rx.search(k) for k in keys):
-            return name
-    for name, pattern in PARTS:
-        rx = re.compile(pattern)
-        if all(rx.search(k) for k in keys):
-            return name
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -505,7 +447,7 @@ def _open(path: Path) -> tuple[str, Path, TensorSource | None, Configs]:
         return layout, where, None, _diffusers_configs(where)
     src = TensorSource([where])
     try:
-        family = identify_family(src.keys())
+        family = identify(src.keys(), CHECKPOINTS)
         if family:
             raise CheckpointError(f"{where}: this is {family}; minifusion needs SDXL base 1.0 or a fine-tune of it")
         cfgs = infer_configs(src, where)
@@ -590,22 +532,7 @@ def _shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
 def _folder_family(folder: Path) -> str | None:
     """A human name for a non-SDXL-base diffusers folder, from its model_index.json, or None."""
     index = folder / "model_index.json"
-    if not index.is_file():
-        return None
-    info = _read_json(index)
-    cls = info.get("_class_name")
-    if not isinstance(cls, str):
-        return None
-    if cls.startswith("StableDiffusionXL"):
-        # the refiner's index marks it so, and has no CLIP-L text encoder
-        if info.get("requires_aesthetics_score") is True or info.get("text_encoder") == [None, None]:
-            return "an SDXL refiner folder (minifusion needs the SDXL base model)"
-        return None
-    for prefix, name in (("StableDiffusion3", "Stable Diffusion 3"), ("Flux", "Flux"),
-                         ("StableDiffusion", "Stable Diffusion 1.x / 2.x")):
-        if cls.startswith(prefix):
-            return f"a {name} folder ({show(cls)})"
-    return f"a {show(cls)} folder"
+    return pipeline_family(_read_json(index)) if index.is_file() else None
 
 
 def _diffusers_configs(folder: Path) -> Configs:

@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 
 from .checkpoint import (Configs, TensorSource, _check_plausible, _count, _diffusers_files, _first_line,
-                         _read_json, _report, _shapes, check, find_part, identify_family, load_part, vae_config)
+                         _read_json, _report, _shapes, check, find_part, load_part, vae_config)
 from .config import SDXL_CLIP_G, SDXL_CLIP_L, SDXL_UNET, SDXL_VAE, VAEConfig
+from .families import CHECKPOINTS, identify
 from .models import vae
 from .safetensors_check import CheckpointError, show
 
@@ -188,9 +189,9 @@ def _refuse_other_models(file: Path, src: TensorSource, keys: list[str]) -> None
     """Name what a file that is not a VAE on its own is, rather than list its hundreds of unexpected keys."""
     if all(VAE_KEY.match(k) for k in keys) and keys:
         return
-    family = identify_family(src.keys())
+    family = identify(src.keys(), CHECKPOINTS)
     if family:
-        raise CheckpointError(f"{file}: this is {re.split(r' [(]|; ', family)[0]}, not a VAE; {NEED_VAE}")
+        raise CheckpointError(f"{file}: this is {family.name}, not a VAE; {NEED_VAE}")
     if any(k.startswith("first_stage_model.") for k in keys) and any(k.startswith("model.diffusion_model.")
                                                                     for k in keys):
         raise CheckpointError(f"{file}: a whole SDXL checkpoint (UNet, text encoders and VAE), not a VAE on its own; "

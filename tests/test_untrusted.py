@@ -25,9 +25,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minifusion import CheckpointError, load
-from minifusion.checkpoint import (COMPONENTS, Configs, TensorSource, identify_family, inspect_checkpoint,
-                                   load_components)
+from minifusion.checkpoint import COMPONENTS, Configs, TensorSource, inspect_checkpoint, load_components
 from minifusion.config import TextConfig, UNetConfig, VAEConfig
+from minifusion.families import CHECKPOINTS, identify
 from minifusion.safetensors_check import SafetensorsFile
 from minifusion.tiny import random_models, write_diffusers, write_single_file
 
@@ -745,9 +745,9 @@ def test_real_sdxl_keys_are_not_mistaken_for_another_family():
     if not KEYS_FILE.is_file():
         pytest.skip(f"{KEYS_FILE} not found (it lives in the project's shared/ folder)")
     keys = [line.split(" ")[0] for line in KEYS_FILE.read_text().splitlines()]
-    assert len(keys) == 2515 and identify_family(keys) is None
+    assert len(keys) == 2515 and identify(keys, CHECKPOINTS) is None
     for part in ("model.diffusion_model.", "first_stage_model."):  # nor is any part of it mistaken for a family
-        assert identify_family([k for k in keys if not k.startswith(part)]) is None
+        assert identify([k for k in keys if not k.startswith(part)], CHECKPOINTS) is None
 
 
 def test_inpainting_unet_is_named(small, tmp_path):
