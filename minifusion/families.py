@@ -78,8 +78,8 @@ CHECKPOINTS = [
            r"^(conv_in|conv_out|conv_norm_out|time_embedding|add_embedding|down_blocks|up_blocks|mid_block)\.",
            every=True, note="; pass the folder (the one holding model_index.json) instead"),
     Family("a CLIP text encoder on its own",
-           r"^(text_model\.|text_projection|logit_scale$|transformer\.resblocks\.|token_embedding\.|positional_embedding$"
-           r"|ln_final\.)", every=True, note=" (minifusion needs the full checkpoint)"),
+           r"^(text_model\.|text_projection|logit_scale$|transformer\.resblocks\.|token_embedding\."
+           r"|positional_embedding$|ln_final\.)", every=True, note=" (minifusion needs the full checkpoint)"),
     Family("a textual-inversion embedding", r"^(clip_[lg]|emb_params|string_to_param\..+|string_to_token\..+)$",
            every=True, note=" (an add-on to a prompt, not a model)"),
     Family("a minifusion latents file", r"^(latents|generator_state)$", every=True,

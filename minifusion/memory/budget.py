@@ -27,7 +27,8 @@ from .cache import _dot
 from .decoding import _decode_fit, decode_bytes
 from .flops import _decode_flop_fit, _unet_flop_fit, unet_flops
 from .sampler_state import _sampler_bytes, _sampler_fit
-from .weights import _controlnet_parameters, _parameter_counts, component_dtypes, controlnet_weights_bytes, weights_bytes
+from .weights import (_controlnet_parameters, _parameter_counts, component_dtypes, controlnet_weights_bytes,
+                      weights_bytes)
 from .work import unet_views
 
 GiB = 1 << 30
