@@ -8,14 +8,12 @@ time, so loading never holds the model twice.
 Files are untrusted: whatever is wrong with one, loading raises CheckpointError naming the file and what to do.
 Pickle formats are never opened. safetensors_check validates each header in full before a tensor is read.
 Architecture counts inferred from keys or config.json are bounded (COUNT_LIMITS), so a forged layer index
-cannot make building the meta model run for hours. Symlinks are followed (the Hugging Face cache is made of
-them, and the user chose the path); the shard names inside an index.json are not the user's choice, so they
-must be plain file names in the index's own folder.
+cannot make building the meta model run for hours. Which files hold the tensors is model_files' business;
+what kind of model a wrong file is, families'.
 """
 from __future__ import annotations
 
 import ctypes
-import json
 import re
 from dataclasses import dataclass, fields
 from functools import partial
@@ -25,10 +23,11 @@ from typing import Callable
 import torch
 
 from .config import SDXL_VAE, TextConfig, UNetConfig, VAEConfig
-from .families import CHECKPOINTS, PICKLE_SUFFIXES, identify, pipeline_family
+from .families import CHECKPOINTS, identify, pipeline_family
 from .keyops import apply_op
+from .model_files import diffusers_files, find_checkpoint, read_json
 from .models import clip, unet, vae
-from .safetensors_check import DTYPES, CheckpointError, SafetensorsFile, show
+from .safetensors_check import DTYPES, CheckpointError, SafetensorsFile, first_line, show
 
 COMPONENTS = ("unet", "vae", "text_encoder_1", "text_encoder_2")
 
@@ -58,7 +57,6 @@ DIFFUSERS_OPTIONAL = ("text_model.embeddings.position_ids", "embeddings.position
 
 NEED = "minifusion needs SDXL base 1.0 or a fine-tune of it as a .safetensors file"
 SHOWN = 5  # how many offending keys an error lists per kind
-JSON_LIMIT = 50_000_000  # config.json / index.json; SDXL's largest, the UNet index, is about 100 kB
 
 
 @dataclass(frozen=True)
@@ -109,10 +107,6 @@ class TensorSource:
     def close(self) -> None:
         for h in self.handles.values():
             h.close()
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _op_shape(shape: tuple[int, ...], op: str) -> tuple[int, ...]:
@@ -235,125 +229,6 @@ def meta_models(cfgs: Configs) -> dict[str, torch.nn.Module]:
     """The four networks without memory: what a checkpoint must fill, key for key and shape for shape."""
     with torch.device("meta"):
         return {c: MODEL_CLASSES[c](getattr(cfgs, c)) for c in COMPONENTS}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Finding the files.
-
-def _resolve_single(path: Path) -> Path:
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        # converting unpickles, so only a file from a source the user trusts, and with torch's restricted
-        # unpickler (weights_only=True refuses anything but tensors and plain containers)
-        out = path.with_suffix(".safetensors")
-        raise CheckpointError(f"{path}: pickle checkpoints are not loaded (unpickling can run code); download the "
-                              ".safetensors release, or, if you trust the file's source, convert it to .safetensors: "
-                              f"python -c \"import torch, safetensors.torch as st; sd = torch.load({str(path)!r}, "
-                              f"weights_only=True); st.save_file(sd.get('state_dict', sd), {str(out)!r})\"")
-    return path
-
-
-def _read_json(f: Path) -> dict:
-    """A small JSON object from a config or index file, or CheckpointError (never a hang on a forged size)."""
-    try:
-        size = f.stat().st_size
-        if size > JSON_LIMIT:
-            raise CheckpointError(f"{f}: {size} bytes, far too large for a config file; download it again")
-        data = json.loads(f.read_bytes())
-    except OSError as e:
-        raise CheckpointError(f"{f}: cannot be read ({e.strerror or e})") from None
-    except (ValueError, RecursionError) as e:
-        raise CheckpointError(f"{f}: not valid JSON ({_first_line(e)[:80]}); download it again") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{f}: not a JSON object; download it again")
-    return data
-
-
-def _shard_names(index: Path) -> list[str]:
-    weight_map = _read_json(index).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map or \
-            not all(isinstance(v, str) for v in weight_map.values()):
-        raise CheckpointError(f"{index}: not a valid safetensors index (its weight_map is not tensor -> shard file)")
-    shards = sorted(set(weight_map.values()))
-    for s in shards:
-        # a shard is a file beside its index: anything else ("../../x", "/etc/x", "a/b") is refused unopened
-        if Path(s).name != s or s in (".", "..") or "\\" in s or not s.endswith(".safetensors"):
-            raise CheckpointError(f"{index}: shard name {show(s)} is not a .safetensors file name in the index's "
-                                  "own folder; the index is corrupt or hostile, download the folder again")
-    return shards
-
-
-def _diffusers_files(folder: Path, sub: str, stem: str) -> list[Path]:
-    d = folder / sub
-    for variant in ("", ".fp16"):
-        index = d / f"{stem}{variant}.safetensors.index.json"
-        if index.is_file():
-            shards = _shard_names(index)
-            missing = [s for s in shards if not (d / s).is_file()]
-            if missing:
-                raise CheckpointError(f"{index}: shard {missing[0]} is missing; download the whole {sub}/ folder")
-            return [d / s for s in shards]
-        single = d / f"{stem}{variant}.safetensors"
-        if single.is_file():
-            return [single]
-    pickled = [p.name for p in d.glob(f"{stem}*") if p.suffix in PICKLE_SUFFIXES] if d.is_dir() else []
-    if pickled:
-        raise CheckpointError(f"{d}: only pickle weights ({pickled[0]}) found, which are not loaded (unpickling can "
-                              "run code); download the .safetensors variant of this folder")
-    raise CheckpointError(f"{d}: no {stem}.safetensors (or .fp16 / sharded variant); download the {sub}/ folder")
-
-
-def find_part(path: Path, sub: str, what: str, need: str) -> tuple[str, Path]:
-    """('single', file) or ('folder', a diffusers folder of one network: `path` itself, or its `sub`/ where path
-    is a pipeline folder), for a network given beside the checkpoint (a VAE, a ControlNet)."""
-    if _is_file(path):
-        return "single", _resolve_single(path)
-    folder = path / sub if (path / sub).is_dir() else path
-    if (folder / "config.json").is_file():
-        return "folder", folder
-    return "single", _lone_file(folder, " and no config.json", f"no {what} here (neither config.json with "
-                                f"diffusion_pytorch_model.safetensors nor a .safetensors file); {need}")
-
-
-def _is_file(path: Path) -> bool:
-    """True for a file, False for a folder; anything else is an error."""
-    if path.is_file():
-        return True
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: neither a file nor a folder (a device, pipe or socket)")
-    return False
-
-
-def _lone_file(folder: Path, several: str, none: str) -> Path:
-    """The one .safetensors file in a folder with no config; several or none is an error (pickles named)."""
-    files = sorted(f for f in folder.glob("*.safetensors") if f.is_file())
-    if len(files) == 1:
-        return files[0]
-    if len(files) > 1:
-        names = ", ".join(f.name for f in files[:4])
-        raise CheckpointError(f"{folder}: several .safetensors files ({names}){several}; pass the one to use")
-    pickled = sorted(p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-    if pickled:
-        _resolve_single(pickled[0])
-    raise CheckpointError(f"{folder}: {none}")
-
-
-def find_checkpoint(path: Path) -> tuple[str, Path]:
-    """('single', file) or ('diffusers', folder)."""
-    try:
-        return _find(path)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
-
-
-def _find(path: Path) -> tuple[str, Path]:
-    if _is_file(path):
-        return "single", _resolve_single(path)
-    if (path / "unet").is_dir() or (path / "model_index.json").is_file():
-        return "diffusers", path
-    return "single", _lone_file(path, "", "nothing loadable here; put sd_xl_base_1.0.safetensors (or a "
-                                "diffusers-layout SDXL folder) there, see weights/README.md")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -485,7 +360,7 @@ def load_components(path: str | Path, devices: torch.device | dict[str, torch.de
             models = meta_models(cfgs)
         except (ValueError, TypeError, ZeroDivisionError, RuntimeError) as e:
             # bounded but odd numbers (say 30 channels in 32 norm groups) that no SDXL network has
-            raise CheckpointError(f"{where}: the architecture it describes cannot be built ({_first_line(e)[:100]}); "
+            raise CheckpointError(f"{where}: the architecture it describes cannot be built ({first_line(e)[:100]}); "
                                   f"{NEED}") from None
         if layout == "single":
             tables = single_file_tables(cfgs, models)
@@ -500,7 +375,7 @@ def load_components(path: str | Path, devices: torch.device | dict[str, torch.de
                 raise CheckpointError(_report(where, *problems))
         else:
             for c in COMPONENTS:
-                sources[c] = TensorSource(_diffusers_files(where, *DIFFUSERS_FOLDER[c]))
+                sources[c] = TensorSource(diffusers_files(where, *DIFFUSERS_FOLDER[c]))
             tables = diffusers_tables(cfgs, (_text_prefix(sources["text_encoder_1"]),
                                              _text_prefix(sources["text_encoder_2"])))
             for c in COMPONENTS:
@@ -532,7 +407,7 @@ def _shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
 def _folder_family(folder: Path) -> str | None:
     """A human name for a non-SDXL-base diffusers folder, from its model_index.json, or None."""
     index = folder / "model_index.json"
-    return pipeline_family(_read_json(index)) if index.is_file() else None
+    return pipeline_family(read_json(index)) if index.is_file() else None
 
 
 def _diffusers_configs(folder: Path) -> Configs:
@@ -540,11 +415,11 @@ def _diffusers_configs(folder: Path) -> Configs:
         f = folder / sub / "config.json"
         if not f.is_file():
             raise CheckpointError(f"{f}: missing; a diffusers-layout folder needs config.json in {sub}/")
-        config = _read_json(f)
+        config = read_json(f)
         try:
             return cls.from_diffusers_config(config)
         except (ValueError, KeyError, TypeError, ZeroDivisionError, IndexError, AttributeError) as e:
-            raise CheckpointError(f"{f}: not an SDXL {sub} config ({_first_line(e)[:100]})") from None
+            raise CheckpointError(f"{f}: not an SDXL {sub} config ({first_line(e)[:100]})") from None
     cfgs = Configs(read("unet", UNetConfig), read("vae", VAEConfig), read("text_encoder", TextConfig),
                    read("text_encoder_2", TextConfig))
     _check_plausible(cfgs, folder)

@@ -24,12 +24,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (COUNT_LIMITS, LEVEL_LIMIT, WIDTH_LIMIT, TensorSource, _count, _diffusers_files,
-                         _first_line, _read_json, _report, _shapes, check, find_part, load_part)
+from .checkpoint import (COUNT_LIMITS, LEVEL_LIMIT, WIDTH_LIMIT, TensorSource, _count, _report, _shapes, check,
+                         load_part)
 from .config import UNetConfig
 from .families import CHECKPOINTS, CONTROLNETS, identify, of_class
+from .model_files import diffusers_files, find_part, read_json
 from .models.controlnet import ControlNet, ControlNetConfig, diffusers_keys
-from .safetensors_check import CheckpointError, show
+from .safetensors_check import CheckpointError, first_line, show
 
 STEM = "diffusion_pytorch_model"
 NEED = ("pass an SDXL ControlNet: a diffusers ControlNet folder or .safetensors file, or one in the original "
@@ -73,7 +74,7 @@ def inspect_controlnet(path: str | Path, unet_cfg: UNetConfig) -> ControlNetFile
         raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
     if kind == "folder":
         cfg = _folder_config(where / "config.json", unet_cfg)
-        files = _diffusers_files(where.parent, where.name, STEM)
+        files = diffusers_files(where.parent, where.name, STEM)
     else:
         cfg, files = None, [where]
     src = TensorSource(files)
@@ -189,7 +190,7 @@ def _config(unet_cfg: UNetConfig, *, in_channels, model_channels, channels, num_
 
 
 def _folder_config(f: Path, unet_cfg: UNetConfig) -> ControlNetConfig:
-    raw = _read_json(f)
+    raw = read_json(f)
     cls = raw.get("_class_name", "ControlNetModel")
     family = of_class(cls, CONTROLNETS)
     if family:
@@ -206,7 +207,7 @@ def _folder_config(f: Path, unet_cfg: UNetConfig) -> ControlNetConfig:
     try:
         return _config_of_json(raw, unet_cfg)
     except (ValueError, KeyError, TypeError, ZeroDivisionError, IndexError, AttributeError) as e:
-        raise CheckpointError(f"{f}: not an SDXL ControlNet config ({_first_line(e)[:100]}); {NEED}") from None
+        raise CheckpointError(f"{f}: not an SDXL ControlNet config ({first_line(e)[:100]}); {NEED}") from None
 
 
 def _per_level(value, levels: int) -> list:
@@ -278,7 +279,7 @@ def _strict(where: Path, cfg: ControlNetConfig, table, src: TensorSource) -> Con
         with torch.device("meta"):
             model = ControlNet(cfg)
     except (ValueError, TypeError, ZeroDivisionError, RuntimeError) as e:
-        raise CheckpointError(f"{where}: the ControlNet it describes cannot be built ({_first_line(e)[:100]}); "
+        raise CheckpointError(f"{where}: the ControlNet it describes cannot be built ({first_line(e)[:100]}); "
                               f"{NEED}") from None
     problems = check(table, _shapes(model), src, src.keys(), ())
     if any(problems):

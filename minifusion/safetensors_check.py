@@ -62,6 +62,11 @@ def show(s, limit: int = 160) -> str:
     return r if len(r) <= limit else r[:limit - 3] + "..."
 
 
+def first_line(e: Exception) -> str:
+    """An exception's message cut to its first line, for the one-line errors every loader gives."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 class SafetensorsFile:
     """One validated safetensors file, kept open so tensors come from the very file whose header was checked."""
 

@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (Configs, TensorSource, _check_plausible, _count, _diffusers_files, _first_line,
-                         _read_json, _report, _shapes, check, find_part, load_part, vae_config)
+from .checkpoint import Configs, TensorSource, _check_plausible, _count, _report, _shapes, check, load_part, vae_config
 from .config import SDXL_CLIP_G, SDXL_CLIP_L, SDXL_UNET, SDXL_VAE, VAEConfig
 from .families import CHECKPOINTS, identify
+from .model_files import diffusers_files, find_part, read_json
 from .models import vae
-from .safetensors_check import CheckpointError, show
+from .safetensors_check import CheckpointError, first_line, show
 
 log = logging.getLogger("minifusion")
 
@@ -115,7 +115,7 @@ def swap_in(info: VAEFile, cfgs: Configs, device: torch.device, dtype: torch.dty
 
 def _inspect_folder(folder: Path, files: list[Path] | None = None) -> VAEFile:
     f = folder / "config.json"
-    raw = _read_json(f)
+    raw = read_json(f)
     cls = raw.get("_class_name", "AutoencoderKL")
     if cls != "AutoencoderKL":
         raise CheckpointError(f"{f}: a {show(cls)}, not an AutoencoderKL like SDXL's VAE; {NEED_VAE}")
@@ -126,10 +126,10 @@ def _inspect_folder(folder: Path, files: list[Path] | None = None) -> VAEFile:
     try:
         cfg = VAEConfig.from_diffusers_config(raw)
     except (ValueError, KeyError, TypeError, ZeroDivisionError, IndexError, AttributeError) as e:
-        raise CheckpointError(f"{f}: not an SDXL VAE config ({_first_line(e)[:100]})") from None
+        raise CheckpointError(f"{f}: not an SDXL VAE config ({first_line(e)[:100]})") from None
     _plausible(cfg, f)
     fp16_safe = raw.get("force_upcast", True) is False
-    src = TensorSource(files or _diffusers_files(folder.parent, folder.name, STEM))
+    src = TensorSource(files or diffusers_files(folder.parent, folder.name, STEM))
     try:
         table = _diffusers_table(cfg, src)
         _strict(folder, cfg, table, src)
@@ -245,7 +245,7 @@ def _meta_vae(cfg: VAEConfig, where: Path) -> vae.VAE:
         with torch.device("meta"):
             return vae.VAE(cfg)
     except (ValueError, TypeError, ZeroDivisionError, RuntimeError) as e:
-        raise CheckpointError(f"{where}: the VAE it describes cannot be built ({_first_line(e)[:100]}); "
+        raise CheckpointError(f"{where}: the VAE it describes cannot be built ({first_line(e)[:100]}); "
                               f"{NEED_VAE}") from None
 
 
