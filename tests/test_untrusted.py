@@ -165,6 +165,8 @@ def named_corruptions(blob: bytes) -> dict:
     return {
         "empty file": (b"", "the file is empty"),
         "4 bytes": (blob[:4], "less than a header"),
+        # named as longer text files are, not called a cut-short download (a note saved under the weights' name)
+        "a text file of 6 bytes": (b"hello\n", "not a safetensors file: it is a text file$"),
         "header length larger than the file": (len(blob).to_bytes(8, "little") + blob[8:], "header claims"),
         "header length zero": ((0).to_bytes(8, "little") + blob[8:], "not a JSON object"),
         "header length 2**64-1": (b"\xff" * 8 + blob[8:], "100 MB"),
