@@ -18,7 +18,7 @@ bench/results/<stamp>-distributed-<model>-<device>.json.
 Predicted: the same work counts the sampler forms (per step the calls of `view_batch` views of
 memory.unet_views's groups, assigned to ranks by minifusion.distributed.assign, each costing
 memory.unet_flops per view x 2 for guidance), the tiled decode's tile rows of every stage's own map split as
-TileShare splits them (each stage's FLOPs counted on the meta device), and what stays on one rank or on every
+GroupShare splits them (each stage's FLOPs counted on the meta device), and what stays on one rank or on every
 rank: phase 1's single view, the sampler's elementwise work (`sampler_share` of a one-process step, assumed),
 the text encoders (not counted). Time is taken as FLOPs at one throughput for the UNet and the VAE, the
 collectives as free (their bytes are listed): an Amdahl bound, not a measurement.
@@ -111,46 +111,36 @@ def gather_bytes(calls: list[tuple], world: int, channels: int = 4) -> int:
     return (world - 1) * max(mine)
 
 
-class _StageFlops:
-    """decode.py's tile-share protocol (as decode.Alone) recording, for each stage, its output map's size and
-    its FLOPs (one tile per stage: the exact tiled decode computes every output pixel once, so a stage's FLOPs
-    do not depend on the tiling)."""
-    rank = 0
-
-    def __init__(self):
-        from minifusion.decode import Alone
-        self.alone, self.stages = Alone(), []  # [H, W, flops, tile steps]
-
-    def split(self, tiles):
-        self.stages.append([max(b[1] for b in tiles), max(b[3] for b in tiles), 0, 0])
-        return [tiles]
-
-    def __getattr__(self, name):  # band, fetch, moments, each, whole: as one process
-        return getattr(self.alone, name)
-
-
 @lru_cache(maxsize=None)  # a pure function of its arguments, asked for again for each view batch and rank count
 def decode_stages(vae_cfg, h: int, w: int) -> tuple[tuple[int, int, int], ...]:
     """(map height, map width, FLOPs) of each stage of the exact tiled decode of h x w latents, counted on the
-    meta device."""
+    meta device with one tile per stage: the exact tiled decode computes every output pixel once, so a stage's
+    FLOPs do not depend on the tiling. The memory model's StageProbe marks where each stage begins."""
     from minifusion.decode import decode_tiled
+    from minifusion.memory.decoding import StageProbe
     from minifusion.models.vae import VAE
     with torch.device("meta"):
         vae, z = VAE(vae_cfg), torch.empty(1, vae_cfg.latent_channels, h, w)
-    share, last = _StageFlops(), [0]
+    stages, last = [], [0]
+
+    def begin(tiles: int) -> dict:
+        stages.append({"flops": 0, "tiles_done": 0})
+        return stages[-1]
+
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         def step(done, total):
             now = counter.get_total_flops()
-            share.stages[-1][2] += now - last[0]
-            share.stages[-1][3] += 1
+            stages[-1]["flops"] += now - last[0]
+            stages[-1]["tiles_done"] += 1
             last[0] = now
-        decode_tiled(vae, z, tile=1 << 30, storage="meta", progress=step, share=share)
-    return tuple((H, W, f) for H, W, f, steps in share.stages if steps)  # the dry run that counts tiles: no work
+        decode_tiled(vae, z, tile=1 << 30, storage="meta", progress=step, share=StageProbe(begin))
+    # the dry run that counts tiles does no work
+    return tuple((*stage["size"], stage["flops"]) for stage in stages if stage["tiles_done"])
 
 
 def decode_share(stages: list[tuple[int, int, int]], world: int, tile: int) -> tuple[float, float]:
     """(total FLOPs, the busiest rank's FLOPs summed stage by stage) of a tiled decode whose tile rows are split
-    over `world` ranks as minifusion.distributed.TileShare splits them (every stage ends in a collective, so the
+    over `world` ranks as minifusion.distributed.GroupShare splits them (every stage ends in a collective, so the
     ranks wait for each other stage by stage). A rank's work in a stage is proportional to its rows."""
     from minifusion.decode import _spans
     from minifusion.distributed import split_rows

@@ -123,7 +123,7 @@ def predicted_vs_measured(pipe: Pipeline, result: dict, height: int, width: int)
 def max_memory_check(pipe: Pipeline, result: dict, max_memory: int) -> dict:
     """Did the run stay within the max_memory it was planned for? On CUDA: the allocator's peak reservation plus
     the CUDA context (memory.CUDA_CONTEXT_BYTES, assumed); on a CPU: the weights plus the resident set's peak
-    growth (which also holds library buffers outside the model's count, see minifusion/memory.py)."""
+    growth (which also holds library buffers outside the model's count, see minifusion/memory/budget.py)."""
     phases = [r[k] for r in result["scales"] for k in ("denoise_memory", "decode_memory")]
     if pipe.device.type == "cuda":
         used = max(p["peak_reserved_bytes"] for p in phases) + memory.CUDA_CONTEXT_BYTES

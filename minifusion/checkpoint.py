@@ -8,14 +8,12 @@ time, so loading never holds the model twice.
 Files are untrusted: whatever is wrong with one, loading raises CheckpointError naming the file and what to do.
 Pickle formats are never opened. safetensors_check validates each header in full before a tensor is read.
 Architecture counts inferred from keys or config.json are bounded (COUNT_LIMITS), so a forged layer index
-cannot make building the meta model run for hours. Symlinks are followed (the Hugging Face cache is made of
-them, and the user chose the path); the shard names inside an index.json are not the user's choice, so they
-must be plain file names in the index's own folder.
+cannot make building the meta model run for hours. Which files hold the tensors is model_files' business;
+what kind of model a wrong file is, families'.
 """
 from __future__ import annotations
 
 import ctypes
-import json
 import re
 from dataclasses import dataclass, fields
 from functools import partial
@@ -25,9 +23,11 @@ from typing import Callable
 import torch
 
 from .config import SDXL_VAE, TextConfig, UNetConfig, VAEConfig
+from .families import CHECKPOINTS, identify, pipeline_family
 from .keyops import apply_op
+from .model_files import diffusers_files, find_checkpoint, read_json
 from .models import clip, unet, vae
-from .safetensors_check import DTYPES, CheckpointError, SafetensorsFile, show
+from .safetensors_check import DTYPES, CheckpointError, SafetensorsFile, first_line, show
 
 COMPONENTS = ("unet", "vae", "text_encoder_1", "text_encoder_2")
 
@@ -55,10 +55,8 @@ DIFFUSERS_FOLDER = {
 }
 DIFFUSERS_OPTIONAL = ("text_model.embeddings.position_ids", "embeddings.position_ids")
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 NEED = "minifusion needs SDXL base 1.0 or a fine-tune of it as a .safetensors file"
 SHOWN = 5  # how many offending keys an error lists per kind
-JSON_LIMIT = 50_000_000  # config.json / index.json; SDXL's largest, the UNet index, is about 100 kB
 
 
 @dataclass(frozen=True)
@@ -111,70 +109,8 @@ class TensorSource:
             h.close()
 
 
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
 def _op_shape(shape: tuple[int, ...], op: str) -> tuple[int, ...]:
     return tuple(apply_op(torch.empty(shape, device="meta"), op).shape)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Which family a set of keys belongs to, so a wrong file gets a name rather than a list of 2000 missing keys.
-
-# Key names as the releases carry them: v1-5-pruned (SD 1.x), v2-1_768-ema-pruned (SD 2.x), sd_xl_refiner_1.0,
-# sd3_medium, flux1-dev (bare, and ComfyUI's model.diffusion_model. repack), diffusers transformers, and LoRAs
-# in the kohya-ss, LyCORIS, diffusers and PEFT namings; diffusers' CHECKPOINT_KEY_NAMES uses the same markers.
-# Order matters: a LoRA names the layers of the model it patches, so it is tested first; Flux before SD3, since
-# an all-in-one Flux file also carries the T5 encoder SD3 uses.
-FAMILIES = [
-    ("a LoRA / LyCORIS adapter (an add-on that patches a base model, not a model itself)",
-     r"^(lora_(unet|te\d?|transformer)_|lycoris_)|\.(lora_(down|up|A|B)|lora\.(down|up)|lora_magnitude_vector)\."
-     r"|_lora\.(down|up)\.|\.(hada_w[12]_[ab]|lokr_w[12](_[ab])?)$"),
-    ("a Flux checkpoint",
-     r"^(model\.diffusion_model\.)?(double|single)_blocks\.\d|^(transformer\.)?single_transformer_blocks\.\d"),
-    ("a Stable Diffusion 3 checkpoint", r"^(model\.diffusion_model\.)?joint_blocks\.\d"),
-    ("a Stable Diffusion 3 transformer (diffusers layout)",
-     r"^(transformer\.)?transformer_blocks\.\d+\.attn\.add_q_proj\."),
-    ("a Stable Diffusion 1.x checkpoint", r"^cond_stage_model\.transformer\."),
-    ("a Stable Diffusion 2.x checkpoint", r"^cond_stage_model\.model\."),
-    # the refiner conditions on bigG alone, which it keeps in the first embedder slot (the base has CLIP-L there)
-    ("an SDXL refiner checkpoint (minifusion needs the SDXL base model)", r"^conditioner\.embedders\.0\.model\."),
-    ("Playground v2.5 (SDXL's architecture trained for the EDM noise schedule, which minifusion does not run)",
-     r"^edm_(mean|std)$"),
-]
-# Files that hold one component only: every key matches.
-PARTS = [
-    ("a VAE on its own (minifusion needs the full checkpoint: UNet, VAE and both text encoders)",
-     r"^(first_stage_model\.|vae\.)?(encoder|decoder|quant_conv|post_quant_conv)\."),
-    ("a UNet on its own (minifusion needs the full checkpoint: UNet, VAE and both text encoders)",
-     r"^model\.diffusion_model\."),
-    ("the UNet file of a diffusers-layout folder; pass the folder (the one holding model_index.json) instead",
-     r"^(conv_in|conv_out|conv_norm_out|time_embedding|add_embedding|down_blocks|up_blocks|mid_block)\."),
-    ("a CLIP text encoder on its own (minifusion needs the full checkpoint)",
-     r"^(text_model\.|text_projection|logit_scale$|transformer\.resblocks\.|token_embedding\.|positional_embedding$"
-     r"|ln_final\.)"),
-    ("a textual-inversion embedding (an add-on to a prompt, not a model)",
-     r"^(clip_[lg]|emb_params|string_to_param\..+|string_to_token\..+)$"),
-    ("a minifusion latents file (a finished scale of a run: continue it with --resume, not --weights)",
-     r"^(latents|generator_state)$"),
-]
-
-
-def identify_family(keys) -> str | None:
-    """A human name for a non-SDXL checkpoint recognised from its keys, or None."""
-    keys = list(keys)
-    if not keys:
-        return "an empty safetensors file (it holds no tensors)"
-    for name, pattern in FAMILIES:
-        rx = re.compile(pattern)
-        if any(rx.search(k) for k in keys):
-            return name
-    for name, pattern in PARTS:
-        rx = re.compile(pattern)
-        if all(rx.search(k) for k in keys):
-            return name
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -296,125 +232,6 @@ def meta_models(cfgs: Configs) -> dict[str, torch.nn.Module]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Finding the files.
-
-def _resolve_single(path: Path) -> Path:
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        # converting unpickles, so only a file from a source the user trusts, and with torch's restricted
-        # unpickler (weights_only=True refuses anything but tensors and plain containers)
-        out = path.with_suffix(".safetensors")
-        raise CheckpointError(f"{path}: pickle checkpoints are not loaded (unpickling can run code); download the "
-                              ".safetensors release, or, if you trust the file's source, convert it to .safetensors: "
-                              f"python -c \"import torch, safetensors.torch as st; sd = torch.load({str(path)!r}, "
-                              f"weights_only=True); st.save_file(sd.get('state_dict', sd), {str(out)!r})\"")
-    return path
-
-
-def _read_json(f: Path) -> dict:
-    """A small JSON object from a config or index file, or CheckpointError (never a hang on a forged size)."""
-    try:
-        size = f.stat().st_size
-        if size > JSON_LIMIT:
-            raise CheckpointError(f"{f}: {size} bytes, far too large for a config file; download it again")
-        data = json.loads(f.read_bytes())
-    except OSError as e:
-        raise CheckpointError(f"{f}: cannot be read ({e.strerror or e})") from None
-    except (ValueError, RecursionError) as e:
-        raise CheckpointError(f"{f}: not valid JSON ({_first_line(e)[:80]}); download it again") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{f}: not a JSON object; download it again")
-    return data
-
-
-def _shard_names(index: Path) -> list[str]:
-    weight_map = _read_json(index).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map or \
-            not all(isinstance(v, str) for v in weight_map.values()):
-        raise CheckpointError(f"{index}: not a valid safetensors index (its weight_map is not tensor -> shard file)")
-    shards = sorted(set(weight_map.values()))
-    for s in shards:
-        # a shard is a file beside its index: anything else ("../../x", "/etc/x", "a/b") is refused unopened
-        if Path(s).name != s or s in (".", "..") or "\\" in s or not s.endswith(".safetensors"):
-            raise CheckpointError(f"{index}: shard name {show(s)} is not a .safetensors file name in the index's "
-                                  "own folder; the index is corrupt or hostile, download the folder again")
-    return shards
-
-
-def _diffusers_files(folder: Path, sub: str, stem: str) -> list[Path]:
-    d = folder / sub
-    for variant in ("", ".fp16"):
-        index = d / f"{stem}{variant}.safetensors.index.json"
-        if index.is_file():
-            shards = _shard_names(index)
-            missing = [s for s in shards if not (d / s).is_file()]
-            if missing:
-                raise CheckpointError(f"{index}: shard {missing[0]} is missing; download the whole {sub}/ folder")
-            return [d / s for s in shards]
-        single = d / f"{stem}{variant}.safetensors"
-        if single.is_file():
-            return [single]
-    pickled = [p.name for p in d.glob(f"{stem}*") if p.suffix in PICKLE_SUFFIXES] if d.is_dir() else []
-    if pickled:
-        raise CheckpointError(f"{d}: only pickle weights ({pickled[0]}) found, which are not loaded (unpickling can "
-                              "run code); download the .safetensors variant of this folder")
-    raise CheckpointError(f"{d}: no {stem}.safetensors (or .fp16 / sharded variant); download the {sub}/ folder")
-
-
-def find_part(path: Path, sub: str, what: str, need: str) -> tuple[str, Path]:
-    """('single', file) or ('folder', a diffusers folder of one network: `path` itself, or its `sub`/ where path
-    is a pipeline folder), for a network given beside the checkpoint (a VAE, a ControlNet)."""
-    if _is_file(path):
-        return "single", _resolve_single(path)
-    folder = path / sub if (path / sub).is_dir() else path
-    if (folder / "config.json").is_file():
-        return "folder", folder
-    return "single", _lone_file(folder, " and no config.json", f"no {what} here (neither config.json with "
-                                f"diffusion_pytorch_model.safetensors nor a .safetensors file); {need}")
-
-
-def _is_file(path: Path) -> bool:
-    """True for a file, False for a folder; anything else is an error."""
-    if path.is_file():
-        return True
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: neither a file nor a folder (a device, pipe or socket)")
-    return False
-
-
-def _lone_file(folder: Path, several: str, none: str) -> Path:
-    """The one .safetensors file in a folder with no config; several or none is an error (pickles named)."""
-    files = sorted(f for f in folder.glob("*.safetensors") if f.is_file())
-    if len(files) == 1:
-        return files[0]
-    if len(files) > 1:
-        names = ", ".join(f.name for f in files[:4])
-        raise CheckpointError(f"{folder}: several .safetensors files ({names}){several}; pass the one to use")
-    pickled = sorted(p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-    if pickled:
-        _resolve_single(pickled[0])
-    raise CheckpointError(f"{folder}: {none}")
-
-
-def find_checkpoint(path: Path) -> tuple[str, Path]:
-    """('single', file) or ('diffusers', folder)."""
-    try:
-        return _find(path)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
-
-
-def _find(path: Path) -> tuple[str, Path]:
-    if _is_file(path):
-        return "single", _resolve_single(path)
-    if (path / "unet").is_dir() or (path / "model_index.json").is_file():
-        return "diffusers", path
-    return "single", _lone_file(path, "", "nothing loadable here; put sd_xl_base_1.0.safetensors (or a "
-                                "diffusers-layout SDXL folder) there, see weights/README.md")
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Checking and loading.
 
 FLOATS = {name for name, dt in DTYPES.items() if dt.is_floating_point}
@@ -505,7 +322,7 @@ def _open(path: Path) -> tuple[str, Path, TensorSource | None, Configs]:
         return layout, where, None, _diffusers_configs(where)
     src = TensorSource([where])
     try:
-        family = identify_family(src.keys())
+        family = identify(src.keys(), CHECKPOINTS)
         if family:
             raise CheckpointError(f"{where}: this is {family}; minifusion needs SDXL base 1.0 or a fine-tune of it")
         cfgs = infer_configs(src, where)
@@ -543,7 +360,7 @@ def load_components(path: str | Path, devices: torch.device | dict[str, torch.de
             models = meta_models(cfgs)
         except (ValueError, TypeError, ZeroDivisionError, RuntimeError) as e:
             # bounded but odd numbers (say 30 channels in 32 norm groups) that no SDXL network has
-            raise CheckpointError(f"{where}: the architecture it describes cannot be built ({_first_line(e)[:100]}); "
+            raise CheckpointError(f"{where}: the architecture it describes cannot be built ({first_line(e)[:100]}); "
                                   f"{NEED}") from None
         if layout == "single":
             tables = single_file_tables(cfgs, models)
@@ -558,7 +375,7 @@ def load_components(path: str | Path, devices: torch.device | dict[str, torch.de
                 raise CheckpointError(_report(where, *problems))
         else:
             for c in COMPONENTS:
-                sources[c] = TensorSource(_diffusers_files(where, *DIFFUSERS_FOLDER[c]))
+                sources[c] = TensorSource(diffusers_files(where, *DIFFUSERS_FOLDER[c]))
             tables = diffusers_tables(cfgs, (_text_prefix(sources["text_encoder_1"]),
                                              _text_prefix(sources["text_encoder_2"])))
             for c in COMPONENTS:
@@ -590,22 +407,7 @@ def _shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
 def _folder_family(folder: Path) -> str | None:
     """A human name for a non-SDXL-base diffusers folder, from its model_index.json, or None."""
     index = folder / "model_index.json"
-    if not index.is_file():
-        return None
-    info = _read_json(index)
-    cls = info.get("_class_name")
-    if not isinstance(cls, str):
-        return None
-    if cls.startswith("StableDiffusionXL"):
-        # the refiner's index marks it so, and has no CLIP-L text encoder
-        if info.get("requires_aesthetics_score") is True or info.get("text_encoder") == [None, None]:
-            return "an SDXL refiner folder (minifusion needs the SDXL base model)"
-        return None
-    for prefix, name in (("StableDiffusion3", "Stable Diffusion 3"), ("Flux", "Flux"),
-                         ("StableDiffusion", "Stable Diffusion 1.x / 2.x")):
-        if cls.startswith(prefix):
-            return f"a {name} folder ({show(cls)})"
-    return f"a {show(cls)} folder"
+    return pipeline_family(read_json(index)) if index.is_file() else None
 
 
 def _diffusers_configs(folder: Path) -> Configs:
@@ -613,11 +415,11 @@ def _diffusers_configs(folder: Path) -> Configs:
         f = folder / sub / "config.json"
         if not f.is_file():
             raise CheckpointError(f"{f}: missing; a diffusers-layout folder needs config.json in {sub}/")
-        config = _read_json(f)
+        config = read_json(f)
         try:
             return cls.from_diffusers_config(config)
         except (ValueError, KeyError, TypeError, ZeroDivisionError, IndexError, AttributeError) as e:
-            raise CheckpointError(f"{f}: not an SDXL {sub} config ({_first_line(e)[:100]})") from None
+            raise CheckpointError(f"{f}: not an SDXL {sub} config ({first_line(e)[:100]})") from None
     cfgs = Configs(read("unet", UNetConfig), read("vae", VAEConfig), read("text_encoder", TextConfig),
                    read("text_encoder_2", TextConfig))
     _check_plausible(cfgs, folder)

@@ -24,28 +24,18 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (COUNT_LIMITS, LEVEL_LIMIT, WIDTH_LIMIT, TensorSource, _count, _diffusers_files,
-                         _first_line, _read_json, _report, _shapes, check, find_part, identify_family, load_part)
+from .checkpoint import (COUNT_LIMITS, LEVEL_LIMIT, WIDTH_LIMIT, TensorSource, _count, _report, _shapes, check,
+                         load_part)
 from .config import UNetConfig
+from .families import CHECKPOINTS, CONTROLNETS, identify, of_class
+from .model_files import diffusers_files, find_part, read_json
 from .models.controlnet import ControlNet, ControlNetConfig, diffusers_keys
-from .safetensors_check import CheckpointError, show
+from .safetensors_check import CheckpointError, first_line, show
 
 STEM = "diffusion_pytorch_model"
 NEED = ("pass an SDXL ControlNet: a diffusers ControlNet folder or .safetensors file, or one in the original "
         "(cldm) layout")
 
-# Other control networks, by the keys their releases carry (ComfyUI tells them apart by the same markers).
-OTHER_FAMILIES = [
-    ("a Control-LoRA (Stability AI's low-rank ControlNet, which patches a copy of the UNet)",
-     r"^lora_controlnet$|\.(up|down)$"),
-    ("a ControlNet-LLLite (kohya-ss's lightweight control modules inside the UNet's attention)", r"^lllite_"),
-    ("a T2I-Adapter (a small separate encoder whose features are added to the UNet's)",
-     r"^(adapter\.)?body\.\d+\.|^adapter\.conv_in\."),
-    ("a ControlNet-Union (one network for several condition types, chosen by a task embedding)",
-     r"^(control_model\.)?(task_embedding$|transformer_layes\.|spatial_ch_projs\.|control_add_embedding\.)"),
-    ("a ControlNet-XS (a small control network exchanging features with the UNet at every block)",
-     r"^(ctrl_conv_in|control_to_base_for_conv_in)\.|\.(base_to_ctrl|ctrl_to_base)\."),
-]
 UNSUPPORTED = "minifusion runs ControlNets in the original ControlNet architecture only"
 DIFFUSERS_MARK = "controlnet_cond_embedding.conv_in.weight"
 CLDM_MARK = "input_hint_block.0.weight"
@@ -84,7 +74,7 @@ def inspect_controlnet(path: str | Path, unet_cfg: UNetConfig) -> ControlNetFile
         raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
     if kind == "folder":
         cfg = _folder_config(where / "config.json", unet_cfg)
-        files = _diffusers_files(where.parent, where.name, STEM)
+        files = diffusers_files(where.parent, where.name, STEM)
     else:
         cfg, files = None, [where]
     src = TensorSource(files)
@@ -108,18 +98,10 @@ def load_controlnet(info: ControlNetFile, device: torch.device, dtype: torch.dty
 
 # ---------------------------------------------------------------------------------------------------------
 
-def _other_family(keys) -> str | None:
-    for name, pattern in OTHER_FAMILIES:
-        rx = re.compile(pattern)
-        if any(rx.search(k) for k in keys):
-            return name
-    return None
-
-
 def _layout(where: Path, src: TensorSource) -> tuple[str, str]:
     """('diffusers', '') or ('cldm', '' or 'control_model.'), or CheckpointError naming what the file is."""
     keys = list(src.keys())
-    family = _other_family(keys)
+    family = identify(keys, CONTROLNETS)
     if family:
         raise CheckpointError(f"{where}: this is {family}; {UNSUPPORTED}; {NEED}")
     if DIFFUSERS_MARK in src.where:
@@ -128,8 +110,8 @@ def _layout(where: Path, src: TensorSource) -> tuple[str, str]:
         prefix = "" if CLDM_MARK in src.where else CLDM_PREFIX
         layout, embedding = "cldm", prefix + "label_emb.0.0.weight"
     else:
-        family = identify_family(keys)  # its advice is for the main checkpoint: only the name is kept
-        what = f"this is {re.split(r' [(]|;', family)[0]}" if family else \
+        family = identify(keys, CHECKPOINTS)  # its note is for the main checkpoint: only the name is kept
+        what = f"this is {family.name}" if family else \
             "not a ControlNet (no input_hint_block or controlnet_cond_embedding)"
         raise CheckpointError(f"{where}: {what}; {NEED}")
     if embedding not in src.where:
@@ -208,11 +190,11 @@ def _config(unet_cfg: UNetConfig, *, in_channels, model_channels, channels, num_
 
 
 def _folder_config(f: Path, unet_cfg: UNetConfig) -> ControlNetConfig:
-    raw = _read_json(f)
+    raw = read_json(f)
     cls = raw.get("_class_name", "ControlNetModel")
-    families = {"ControlNetUnionModel": 3, "ControlNetXSAdapter": 4, "T2IAdapter": 2, "MultiAdapter": 2}
-    if cls in families:
-        raise CheckpointError(f"{f}: this is {OTHER_FAMILIES[families[cls]][0]}; {UNSUPPORTED}; {NEED}")
+    family = of_class(cls, CONTROLNETS)
+    if family:
+        raise CheckpointError(f"{f}: this is {family}; {UNSUPPORTED}; {NEED}")
     if cls != "ControlNetModel":
         raise CheckpointError(f"{f}: a {show(cls)}, not a ControlNetModel; {NEED}")
     if raw.get("addition_embed_type") is None:
@@ -225,7 +207,7 @@ def _folder_config(f: Path, unet_cfg: UNetConfig) -> ControlNetConfig:
     try:
         return _config_of_json(raw, unet_cfg)
     except (ValueError, KeyError, TypeError, ZeroDivisionError, IndexError, AttributeError) as e:
-        raise CheckpointError(f"{f}: not an SDXL ControlNet config ({_first_line(e)[:100]}); {NEED}") from None
+        raise CheckpointError(f"{f}: not an SDXL ControlNet config ({first_line(e)[:100]}); {NEED}") from None
 
 
 def _per_level(value, levels: int) -> list:
@@ -297,7 +279,7 @@ def _strict(where: Path, cfg: ControlNetConfig, table, src: TensorSource) -> Con
         with torch.device("meta"):
             model = ControlNet(cfg)
     except (ValueError, TypeError, ZeroDivisionError, RuntimeError) as e:
-        raise CheckpointError(f"{where}: the ControlNet it describes cannot be built ({_first_line(e)[:100]}); "
+        raise CheckpointError(f"{where}: the ControlNet it describes cannot be built ({first_line(e)[:100]}); "
                               f"{NEED}") from None
     problems = check(table, _shapes(model), src, src.keys(), ())
     if any(problems):

@@ -23,7 +23,7 @@ torch.utils.flop_counter.FlopCounterMode (convolutions, matmuls and attention ke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn as nn
@@ -62,29 +62,70 @@ def _spans(n: int, tile: int) -> list[tuple[int, int]]:
 Box = tuple[int, int, int, int]  # rows y0:y1, columns x0:x1
 
 
-class Alone:
-    """One process computes every tile: the share of work that minifusion.distributed.TileShare splits by ranks."""
+class TileShare(Protocol):
+    """Which tiles of each stage this process computes, and how the processes that share a decode (or an encode)
+    exchange what their tiles need: the seam between the stage runner and the ranks of a group.
+
+    Every stage calls, in order: `split` (the stage's tiles, in tile order, into one share per rank), `band` (this
+    process's part of the stage's output map), `fetch` (the rows its tiles read, halos included; a collective),
+    then for each of its tiles compute and `moments` (the GroupNorm statistics of the whole output; a collective);
+    the mid attention calls `each` for its keys and values. At the end `whole` gives the finished map. Every rank
+    calls the same methods with the same arguments but its own data, so the collectives meet. A first pass without
+    data, which counts the tiles for the progress total, calls `split` and `band` only. Implemented by
+    `Alone` (one process), minifusion.distributed.GroupShare (the ranks of a group, by tile rows) and
+    minifusion.memory.decoding.StageProbe (a meta run measuring stage by stage).
+    """
+    rank: int  # the index of this process's share in what `split` returns
+
+    def split(self, tiles: list[Box]) -> list[list[Box]]:
+        """One share of `tiles` per rank, the same on every rank; the shares, concatenated in rank order, are
+        `tiles` in their order (so summing share by share is summing in tile order)."""
+
+    def band(self, data: torch.Tensor, shares: list[list[Box]], height: int) -> _Map:
+        """The new output map of a stage `height` rows tall, of which this process holds `data`: the rows of its
+        own share's tiles (every row where one process computes everything)."""
+
+    def fetch(self, x: _Map, needs: list[tuple[int, int]]) -> _Map:
+        """`x` holding at least rows needs[rank] here (every rank's needs are given: those who hold the rows a
+        rank needs send them). Rows outside the map are the conv's zero padding and are not asked for."""
+
+    def moments(self, mine: list[torch.Tensor], shares: list[list[Box]], shape: tuple[int, ...]) -> torch.Tensor:
+        """The sum of every tile's moments (`shape`, float64), `mine` being this process's tiles' in share order:
+        added one tile at a time in tile order, from the first, on every rank. Float64 addition is not
+        associative; this one order is what keeps the GroupNorm statistics, and so every pixel, bit for bit the
+        same for any number of ranks."""
+
+    def each(self, tiles: list[Box], shares: list[list[Box]], compute: Callable, store: Callable,
+             step: Callable[[], None], shapes: Callable) -> None:
+        """store(i, *compute(tiles[i])) for every tile i (on every rank), compute running only for this process's
+        share, step() after each tile it computes; `shapes(box)` gives the shapes and dtypes compute returns, so
+        ranks can receive the others' results."""
+
+    def whole(self, x: _Map) -> torch.Tensor:
+        """The whole map, on every rank."""
+
+
+class Alone(TileShare):
+    """One process computes every tile and holds every map whole."""
     rank = 0
 
     def split(self, tiles: list[Box]) -> list[list[Box]]:
         return [tiles]
 
-    def fetch(self, x: _Map, needs: list[tuple[int, int]]) -> _Map:
-        return x
-
     def band(self, data: torch.Tensor, shares: list[list[Box]], height: int) -> _Map:
         return _Map(data)
 
+    def fetch(self, x: _Map, needs: list[tuple[int, int]]) -> _Map:
+        return x
+
     def moments(self, mine: list[torch.Tensor], shares: list[list[Box]], shape: tuple[int, ...]) -> torch.Tensor:
-        total = 0  # tile by tile in tile order: the summation order every process count must keep
+        total = 0
         for m in mine:
             total = total + m
         return total
 
     def each(self, tiles: list[Box], shares: list[list[Box]], compute: Callable, store: Callable,
              step: Callable[[], None], shapes: Callable) -> None:
-        """store(i, *compute(tiles[i])) for every tile, in tile order (a group computes a share on each rank and
-        gathers the results; `shapes(box)` gives their shapes and dtypes)."""
         for i, box in enumerate(tiles):
             store(i, *compute(box))
             step()
@@ -102,7 +143,7 @@ class _Stages:
     `share` decides which tiles this process computes (`Alone`: all of them)."""
 
     def __init__(self, vae: VAE, tile: int, storage: torch.device, dry: bool = False,
-                 step: Callable[[], None] = lambda: None, share=None):
+                 step: Callable[[], None] = lambda: None, share: TileShare | None = None):
         w = vae.post_quant_conv.weight
         self.device, self.dtype, self.groups = w.device, w.dtype, vae.cfg.norm_groups
         self.tile, self.storage, self.dry, self.step = tile, storage, dry, step
@@ -193,7 +234,7 @@ class _Stages:
             out.rows(y0, y1)[..., x0:x1] = y
             if moments:
                 stats.append(self._moments(y))
-            del t, y  # not alive while the next tile is fetched: the working set is one tile's, as memory.py assumes
+            del t, y  # not alive while the next tile is fetched: the working set is one tile's, as memory/decoding.py assumes
             self.step()
         if moments:
             out.moments = self.share.moments(stats, shares, (B, self.groups, 2))
@@ -265,21 +306,22 @@ def _decoder(run: _Stages, vae: VAE, z: _Map) -> _Map:
 
 @torch.no_grad()
 def decode_tiled(vae: VAE, latents: torch.Tensor, tile: int = 256, storage: str | torch.device | None = "cpu",
-                 progress: bool | Callable[[int, int], None] | None = None, share=None) -> torch.Tensor:
+                 progress: bool | Callable[[int, int], None] | None = None, share: TileShare | None = None
+                 ) -> torch.Tensor:
     """Unscaled latents (B, C, h, w) -> image (B, 3, 8h, 8w) in about [-1, 1], equal to `vae.decode(latents)`.
 
     Computes on the VAE's device in its dtype. `tile`: tile side in pixels of each stage's own feature map.
     `storage`: device of the full-map buffers and of the returned image (None: the VAE's device).
     `progress`: True for a tqdm bar, or a callable(done, total) called after every tile.
-    `share`: which tiles this process computes (default all; minifusion.distributed.TileShare splits them over
-    the ranks of a group, each holding only its rows of every feature map).
+    `share`: which tiles this process computes (default all, `Alone`; minifusion.distributed.GroupShare splits
+    them over the ranks of a group, each holding only its rows of every feature map).
     """
     return _run(_decoder, vae, latents, tile, storage, progress, "VAE decode", share)
 
 
 def _run(body: Callable[[_Stages, VAE, _Map], _Map], vae: VAE, x: torch.Tensor, tile: int,
          storage: str | torch.device | None, progress: bool | Callable[[int, int], None] | None,
-         desc: str, share=None) -> torch.Tensor:
+         desc: str, share: TileShare | None = None) -> torch.Tensor:
     """`body` (the decoder's or the encoder's stages) on `x`, tile by tile, as `decode_tiled` documents."""
     if not isinstance(tile, int) or isinstance(tile, bool) or tile < 1:
         raise ValueError(f"tile {tile!r} must be a positive integer (pixels of each stage's feature map)")

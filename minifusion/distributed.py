@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .decode import Box, _Map, _rows
+from .decode import Box, TileShare, _Map, _rows
 from .views import Group, ViewRunner, is_out_of_memory
 
 DEFAULT_TIMEOUT_S = 1800  # the longest a rank waits for the others: above any gap between collectives (a 4096^2 PNG
@@ -256,7 +256,7 @@ def split_rows(tiles: list[Box], world: int) -> list[list[Box]]:
     return [[box for box in tiles if box[:2] in part] for part in parts]
 
 
-class TileShare:
+class GroupShare(TileShare):
     """decode.Alone's counterpart for a group: each rank decodes whole tile rows (contiguous in tile order) and
     holds only its rows of every feature map (decode.py's `_Map` bands)."""
 

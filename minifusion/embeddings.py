@@ -13,9 +13,9 @@ from typing import Callable, Iterable
 
 import torch
 
+from .families import PICKLE_SUFFIXES
 from .safetensors_check import DTYPES, CheckpointError, SafetensorsFile, show
 
-PICKLE_SUFFIXES = (".pt", ".bin", ".ckpt", ".pth")
 KEYS = ("clip_l", "clip_g")  # encoder 1 (CLIP ViT-L), encoder 2 (OpenCLIP bigG), as SDXL embedding files name them
 SD15_KEYS = ("emb_params", "string_to_param")  # kohya's and A1111's SD 1.5 formats: one table for one encoder
 MAX_VECTORS = 75  # A1111 never splits an embedding across chunks, so it must fit in one chunk's 75 tokens

@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageOps
 
 from minifusion.config import VAEConfig
-from minifusion.decode import _Map, _run, _Stages, meta_flops
+from minifusion.decode import TileShare, _Map, _run, _Stages, meta_flops
 from minifusion.demofusion import scale_sizes
 from minifusion.models.vae import VAE
 
@@ -43,7 +43,7 @@ def _encoder(run: _Stages, vae: VAE, x: _Map) -> _Map:
 
 @torch.no_grad()
 def encode_tiled(vae: VAE, images: torch.Tensor, tile: int = 256, storage: str | torch.device | None = "cpu",
-                 progress: bool | Callable[[int, int], None] | None = None, share=None
+                 progress: bool | Callable[[int, int], None] | None = None, share: TileShare | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (B, 3, H, W) in [-1, 1] -> (mean, logvar), each (B, C, H//8, W//8), equal to `vae.encode(images)`.
 

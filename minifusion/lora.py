@@ -53,7 +53,8 @@ from typing import Iterable
 
 import torch
 
-from .checkpoint import PICKLE_SUFFIXES, Configs, identify_family, meta_models
+from .checkpoint import Configs, meta_models
+from .families import CHECKPOINTS, LORA_CONTEXT, LORA_TARGETS, LORA_UNKNOWN_NAMES, PICKLE_SUFFIXES, identify
 from .models import clip, unet
 from .safetensors_check import DTYPES, CheckpointError, SafetensorsFile, show
 
@@ -76,16 +77,6 @@ LORA_COMPONENTS = ("unet", "text_encoder_1", "text_encoder_2")
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder_1": "lora_te1_", "text_encoder_2": "lora_te2_"}
 PEFT_PREFIX = {"unet": "unet", "text_encoder_1": "text_encoder", "text_encoder_2": "text_encoder_2"}
 ADAPTER_METADATA = "lora_adapter_metadata"  # diffusers' header key: its LoraConfig per component, flattened
-
-# Other model families, from the names or the cross-attention width of their modules. SD 1.x / 2.x have
-# attention at the first UNet level (SDXL's has none) and one text encoder (kohya's lora_te_).
-FAMILY_NAMES = [
-    ("Flux", r"(^|[._])(double_blocks|single_blocks|single_transformer_blocks)[._]\d"),
-    ("Stable Diffusion 3", r"(^|[._])joint_blocks[._]\d|transformer_blocks[._]\d+[._]attn[._]add_q_proj"),
-]
-FAMILY_CONTEXT = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 1280: "the SDXL refiner"}
-FAMILY_SD = r"^lora_te_|(^|[._])down_blocks[._]0[._]attentions[._]|(^|[._])input_blocks[._]1[._]1[._]"
-
 
 @dataclass(frozen=True)
 class Target:
@@ -326,10 +317,10 @@ class Adapter:
                 problems["incomplete"].append(f"{key} (a second {PARTS[part]} tensor beside {roles[PARTS[part]]})")
             roles[PARTS[part]] = key
         if not groups:
-            family = identify_family(self.file.entries)
+            family = identify(self.file.entries, CHECKPOINTS)  # its note is for the main checkpoint: the name only
             raise CheckpointError(f"{self.path}: not a LoRA / LyCORIS file (no tensor is named like "
                                   "*.lora_down.weight, *.lora_A.weight, *.hada_w1_a or *.lokr_w1)"
-                                  + (f"; this is {family}" if family else ""))
+                                  + (f"; this is {family.name}" if family else ""))
 
         metadata = self._peft_metadata()
         modules, seen = [], {}
@@ -430,19 +421,19 @@ class Adapter:
         return out
 
     def _family(self, groups: dict[str, dict[str, str]], layers: Layers) -> str | None:
-        for family, pattern in FAMILY_NAMES:
-            if any(re.search(pattern, n) for n in groups):
-                return family
+        """The model family the LoRA is for, when that is not SDXL (families.LORA_*), or None."""
+        family = identify(groups, LORA_TARGETS)
+        if family:
+            return family.name
         for name, roles in groups.items():
             role = next((r for r in ("down", "w1b") if r in roles), None)
             if role and re.search(r"attn2[._]to_[kv]$", name):
                 shape = self.file.entries[roles[role]].shape
                 width = shape[1] if len(shape) >= 2 else None
-                if width != layers.context_dim and width in FAMILY_CONTEXT:
-                    return FAMILY_CONTEXT[width]
-        if any(re.search(FAMILY_SD, n) for n in groups if n not in layers.names):
-            return "Stable Diffusion 1.x / 2.x"
-        return None
+                if width != layers.context_dim and width in LORA_CONTEXT:
+                    return LORA_CONTEXT[width]
+        family = identify((n for n in groups if n not in layers.names), LORA_UNKNOWN_NAMES)
+        return family.name if family else None
 
     def _short_hash(self) -> str:
         # A1111 (extensions-builtin/Lora/network.py) takes the header's sshs_model_hash first, else kohya's addnet

@@ -17,7 +17,7 @@ from . import distributed, memory, metadata, request
 from .checkpoint import Configs, inspect_checkpoint, load_components
 from .controlnet import make_control
 from .controlnet_file import inspect_controlnet, load_controlnet
-from .decode import decode_tiled
+from .decode import TileShare, decode_tiled
 from .embeddings import Embedding, load_embeddings
 from .encode import base_scale_size, encode_tiled, load_image, open_image, sample_latents
 from .demofusion import Resume, demofusion, scale_sizes
@@ -275,7 +275,7 @@ class Pipeline:
                 controlnets=tuple(net.control for net in self.controlnets), vae_dtype=self.vae_dtype)
         world = distributed.world(group) if group is not None else 1
         return RunPlan(request.view_batch(settings, self.configs, planned, world), tile, kept,
-                       distributed.TileShare(group, self.device) if group is not None else None,
+                       distributed.GroupShare(group, self.device) if group is not None else None,
                        settings["max_memory"] is not None)
 
     def _condition(self, settings: dict, group) -> Cond:
@@ -435,7 +435,7 @@ class Pipeline:
     @torch.no_grad()
     def encode_image(self, image: Image.Image | str | Path, height: int, width: int,
                      generator: torch.Generator | None = None, tile: int | None = None,
-                     share: distributed.TileShare | None = None) -> torch.Tensor:
+                     share: TileShare | None = None) -> torch.Tensor:
         """The scaled latents of a picture resized to phase 1's size for a height x width run: a sample of
         the VAE's latent distribution (as the reference does), drawn from `generator`. Encoded in one piece,
         or in tiles of `tile` px (the same result, see encode.py); out of memory, in ever smaller tiles.
@@ -452,7 +452,7 @@ class Pipeline:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tiled: bool = True, tile: int = 256,
                progress: bool | Callable[[int, int], None] | None = None,
-               share: distributed.TileShare | None = None) -> Image.Image:
+               share: TileShare | None = None) -> Image.Image:
         """Latents (scaled, as the sampler returns them) -> PIL image. share: split the tiles over the ranks of a
         group (minifusion.distributed)."""
         z = (latents / self.configs.vae.scaling_factor).to(self.vae.post_quant_conv.weight.dtype)
@@ -484,7 +484,7 @@ class RunPlan(NamedTuple):
     view_batch: int
     decode_tile: int | None  # None: in one piece
     kept: tuple[str, ...]  # of the UNet and the VAE, those that stay on the device while the other runs
-    share: distributed.TileShare | None  # the group's split of the decode, under view parallelism
+    share: distributed.GroupShare | None  # the group's split of the decode, under view parallelism
     budgeted: bool  # a memory budget chose the decode tile (the encode then tiles too)
 
 

@@ -62,6 +62,11 @@ def show(s, limit: int = 160) -> str:
     return r if len(r) <= limit else r[:limit - 3] + "..."
 
 
+def first_line(e: Exception) -> str:
+    """An exception's message cut to its first line, for the one-line errors every loader gives."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 class SafetensorsFile:
     """One validated safetensors file, kept open so tensors come from the very file whose header was checked."""
 
@@ -179,8 +184,13 @@ def read_header(f, size: int, path: Path) -> tuple[int, dict[str, Entry], dict[s
     def corrupt(what: str) -> CheckpointError:
         return CheckpointError(f"{path}: {what}; {CORRUPT}")
 
+    if size == 0:
+        raise corrupt("the file is empty")
     if size < 8:
-        raise corrupt("the file is empty" if size == 0 else f"the file has only {size} bytes, less than a header")
+        kind = file_kind(f.read(size))  # a few bytes of text is a note, not a download cut short
+        if kind is not None:
+            raise NotSafetensors(path, kind)
+        raise corrupt(f"the file has only {size} bytes, less than a header")
     prefix = f.read(8)
     if len(prefix) != 8:
         raise corrupt("the file ended inside its header")

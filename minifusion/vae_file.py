@@ -29,11 +29,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (Configs, TensorSource, _check_plausible, _count, _diffusers_files, _first_line,
-                         _read_json, _report, _shapes, check, find_part, identify_family, load_part, vae_config)
+from .checkpoint import Configs, TensorSource, _check_plausible, _count, _report, _shapes, check, load_part, vae_config
 from .config import SDXL_CLIP_G, SDXL_CLIP_L, SDXL_UNET, SDXL_VAE, VAEConfig
+from .families import CHECKPOINTS, identify
+from .model_files import diffusers_files, find_part, read_json
 from .models import vae
-from .safetensors_check import CheckpointError, show
+from .safetensors_check import CheckpointError, first_line, show
 
 log = logging.getLogger("minifusion")
 
@@ -114,7 +115,7 @@ def swap_in(info: VAEFile, cfgs: Configs, device: torch.device, dtype: torch.dty
 
 def _inspect_folder(folder: Path, files: list[Path] | None = None) -> VAEFile:
     f = folder / "config.json"
-    raw = _read_json(f)
+    raw = read_json(f)
     cls = raw.get("_class_name", "AutoencoderKL")
     if cls != "AutoencoderKL":
         raise CheckpointError(f"{f}: a {show(cls)}, not an AutoencoderKL like SDXL's VAE; {NEED_VAE}")
@@ -125,10 +126,10 @@ def _inspect_folder(folder: Path, files: list[Path] | None = None) -> VAEFile:
     try:
         cfg = VAEConfig.from_diffusers_config(raw)
     except (ValueError, KeyError, TypeError, ZeroDivisionError, IndexError, AttributeError) as e:
-        raise CheckpointError(f"{f}: not an SDXL VAE config ({_first_line(e)[:100]})") from None
+        raise CheckpointError(f"{f}: not an SDXL VAE config ({first_line(e)[:100]})") from None
     _plausible(cfg, f)
     fp16_safe = raw.get("force_upcast", True) is False
-    src = TensorSource(files or _diffusers_files(folder.parent, folder.name, STEM))
+    src = TensorSource(files or diffusers_files(folder.parent, folder.name, STEM))
     try:
         table = _diffusers_table(cfg, src)
         _strict(folder, cfg, table, src)
@@ -188,9 +189,9 @@ def _refuse_other_models(file: Path, src: TensorSource, keys: list[str]) -> None
     """Name what a file that is not a VAE on its own is, rather than list its hundreds of unexpected keys."""
     if all(VAE_KEY.match(k) for k in keys) and keys:
         return
-    family = identify_family(src.keys())
+    family = identify(src.keys(), CHECKPOINTS)
     if family:
-        raise CheckpointError(f"{file}: this is {re.split(r' [(]|; ', family)[0]}, not a VAE; {NEED_VAE}")
+        raise CheckpointError(f"{file}: this is {family.name}, not a VAE; {NEED_VAE}")
     if any(k.startswith("first_stage_model.") for k in keys) and any(k.startswith("model.diffusion_model.")
                                                                     for k in keys):
         raise CheckpointError(f"{file}: a whole SDXL checkpoint (UNet, text encoders and VAE), not a VAE on its own; "
@@ -244,7 +245,7 @@ def _meta_vae(cfg: VAEConfig, where: Path) -> vae.VAE:
         with torch.device("meta"):
             return vae.VAE(cfg)
     except (ValueError, TypeError, ZeroDivisionError, RuntimeError) as e:
-        raise CheckpointError(f"{where}: the VAE it describes cannot be built ({_first_line(e)[:100]}); "
+        raise CheckpointError(f"{where}: the VAE it describes cannot be built ({first_line(e)[:100]}); "
                               f"{NEED_VAE}") from None
 
 

@@ -36,7 +36,7 @@ def main(weights: str, out: str) -> None:
                      "evals": [s["unet_evaluations"] for s in result.stats]}
     g = torch.Generator().manual_seed(5)
     latents = torch.randn(1, 4, 40, 24, generator=g)
-    share = distributed.TileShare(dist.group.WORLD, torch.device("cpu"))
+    share = distributed.GroupShare(dist.group.WORLD, torch.device("cpu"))
     got["decode"] = decode_tiled(pipe.vae, latents, tile=64, share=share)
     got["encode"] = encode_tiled(pipe.vae, torch.rand(1, 3, 200, 136, generator=g) * 2 - 1, tile=64, share=share)
     # no view batch asked: the ranks choose one that spreads the calls (distributed.view_batch) and say which

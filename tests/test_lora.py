@@ -515,6 +515,10 @@ def test_errors_are_one_line_naming_the_file(tiny, tmp_path):
     fails(tiny, path, r"1 unsupported: .*PEFT's DoRA")
 
     fails(tiny, tiny["single"], r"not a LoRA / LyCORIS file")
+    # another model is named as the VAE and ControlNet loaders name it: without the advice meant for --weights
+    path = tmp_path / "vae.safetensors"
+    save_file({"encoder.conv_in.weight": torch.zeros(2), "decoder.conv_out.weight": torch.zeros(2)}, str(path))
+    fails(tiny, path, r"not a LoRA / LyCORIS file \(.*\); this is a VAE on its own$")
     fails(tiny, tmp_path / "missing.safetensors", r"no such LoRA file")
     with pytest.raises(ValueError, match="weight nan is not a finite number"):
         load(tiny["single"], device="cpu", dtype=torch.float32, loras=[(path, float("nan"))])

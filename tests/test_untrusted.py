@@ -25,9 +25,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minifusion import CheckpointError, load
-from minifusion.checkpoint import (COMPONENTS, Configs, TensorSource, identify_family, inspect_checkpoint,
-                                   load_components)
+from minifusion.checkpoint import COMPONENTS, Configs, TensorSource, inspect_checkpoint, load_components
 from minifusion.config import TextConfig, UNetConfig, VAEConfig
+from minifusion.families import CHECKPOINTS, identify
 from minifusion.safetensors_check import SafetensorsFile
 from minifusion.tiny import random_models, write_diffusers, write_single_file
 
@@ -165,6 +165,8 @@ def named_corruptions(blob: bytes) -> dict:
     return {
         "empty file": (b"", "the file is empty"),
         "4 bytes": (blob[:4], "less than a header"),
+        # named as longer text files are, not called a cut-short download (a note saved under the weights' name)
+        "a text file of 6 bytes": (b"hello\n", "not a safetensors file: it is a text file$"),
         "header length larger than the file": (len(blob).to_bytes(8, "little") + blob[8:], "header claims"),
         "header length zero": ((0).to_bytes(8, "little") + blob[8:], "not a JSON object"),
         "header length 2**64-1": (b"\xff" * 8 + blob[8:], "100 MB"),
@@ -745,9 +747,9 @@ def test_real_sdxl_keys_are_not_mistaken_for_another_family():
     if not KEYS_FILE.is_file():
         pytest.skip(f"{KEYS_FILE} not found (it lives in the project's shared/ folder)")
     keys = [line.split(" ")[0] for line in KEYS_FILE.read_text().splitlines()]
-    assert len(keys) == 2515 and identify_family(keys) is None
+    assert len(keys) == 2515 and identify(keys, CHECKPOINTS) is None
     for part in ("model.diffusion_model.", "first_stage_model."):  # nor is any part of it mistaken for a family
-        assert identify_family([k for k in keys if not k.startswith(part)]) is None
+        assert identify([k for k in keys if not k.startswith(part)], CHECKPOINTS) is None
 
 
 def test_inpainting_unet_is_named(small, tmp_path):
