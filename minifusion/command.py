@@ -148,6 +148,8 @@ def plan(args, device: torch.device | None = None) -> Plan:
     """Everything checked that can be checked before a model is loaded: paths, sizes, knobs, files, device."""
     resume = None
     if args.resume is not None:
+        if args.image is not None:
+            raise UserError("--image and --resume do not go together: a resumed run already has its picture")
         try:
             resume = load_latents(args.resume)
         except NotSafetensors as e:

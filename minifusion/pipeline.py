@@ -270,9 +270,7 @@ class Pipeline:
         spread over the ranks of `group`."""
         planned, tile, kept = None, 256 if settings["tiled_decode"] else None, ("unet", "vae")
         if settings["max_memory"] is not None:
-            planned, tile, kept = request.plan_memory(
-                settings, self.configs, self.dtype, self.device.type, self.resident, may_offload=self.host != self.device,
-                controlnets=tuple(net.control for net in self.controlnets), vae_dtype=self.vae_dtype)
+            planned, tile, kept = self._memory_plan(settings)
         world = distributed.world(group) if group is not None else 1
         return RunPlan(request.view_batch(settings, self.configs, planned, world), tile, kept,
                        distributed.GroupShare(group, self.device) if group is not None else None,
@@ -412,10 +410,15 @@ class Pipeline:
                     untiled_decode: bool = False) -> memory.MemoryPlan:
         """View batch, decode tile and the networks kept on the device for a height x width run within
         max_memory (see `generate`). Loaded ControlNets are counted as steering every UNet call."""
-        tiles = ((None,) if untiled_decode else ()) + memory.DECODE_TILES
-        return memory.plan(memory.parse_size(max_memory), self.configs, height, width, self.dtype, self.device.type,
-                           stride, self.resident, may_offload=self.host != self.device, decode_tiles=tiles,
-                           controlnets=tuple(net.control for net in self.controlnets), vae_dtype=self.vae_dtype)
+        return self._memory_plan({"max_memory": request.budget_bytes(max_memory), "height": height, "width": width,
+                                  "stride": stride or self.configs.unet.sample_size // 2,
+                                  "tiled_decode": not untiled_decode})
+
+    def _memory_plan(self, settings: dict) -> memory.MemoryPlan:
+        return request.plan_memory(settings, self.configs, self.dtype, self.device.type, self.resident,
+                                   may_offload=self.host != self.device,
+                                   controlnets=tuple(net.control for net in self.controlnets),
+                                   vae_dtype=self.vae_dtype)
 
     def _place(self, running: str | None, kept: Collection[str]) -> None:
         """Before `running` ("unet", "vae", or None while the text encoders run): of the UNet and the VAE, those

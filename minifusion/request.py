@@ -16,7 +16,8 @@ from typing import Any, Iterable, NamedTuple
 from PIL import Image
 
 from . import distributed, memory
-from .checkpoint import Configs, find_checkpoint
+from .checkpoint import Configs
+from .model_files import find_checkpoint
 from .demofusion import scale_sizes
 from .encode import base_scale_size, open_image
 from .files import SavedScale
