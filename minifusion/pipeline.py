@@ -13,8 +13,8 @@ from typing import Callable, Collection, Iterable, Iterator
 import torch
 from PIL import Image
 
-from . import distributed, memory, metadata
-from .checkpoint import Configs, inspect_checkpoint, load_components
+from . import distributed, memory, metadata, noise, work
+from .checkpoint import Configs, find_checkpoint, inspect_checkpoint, load_components
 from .controlnet import make_control
 from .controlnet_file import inspect_controlnet, load_controlnet
 from .decode import decode_tiled
@@ -24,7 +24,7 @@ from .demofusion import Resume, demofusion, scale_sizes
 from .files import SavedScale
 from .lora import Applied, infotext, open_loras
 from .prompt import Chunk, encode_rows, pad_rows, to_chunks
-from .schedulers import SCHEDULERS
+from .schedulers import SCHEDULERS, check_sampling
 from .tokenizer import Tokenizer
 from .vae_file import inspect_vae, swap_in, vae_dtype_for
 from .views import Cond, ViewRunner, is_out_of_memory
@@ -98,6 +98,7 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     if own_vae is not None:
         models["vae"], cfgs = swap_in(own_vae, cfgs, placement(device)["vae"], vae_dtype)
     pipe = Pipeline(models, cfgs, device, dtype, header)
+    pipe.noise_schedule = noise.detect(*find_checkpoint(Path(path)))
     pipe.loras = patch.applied if patch is not None else []
     pipe.controlnets = [load_controlnet(f, placement(device)["unet"], dtype) for f in control_files]
     pipe.embeddings = load_embeddings(embeddings, (cfgs.text_encoder_1.width, cfgs.text_encoder_2.width),
@@ -198,6 +199,7 @@ class Pipeline:
         self.loras: list[Applied] = []  # merged LoRAs: file name, weight, A1111 short hash (lora.infotext)
         self.controlnets: list = []  # ControlNets (models.controlnet), on the UNet's device (see `load`)
         self.sources: dict = {"weights": None}  # what `load` was given, recorded in every image's metadata
+        self.noise_schedule = noise.NoiseSchedule()  # what the model predicts, on which alphas (see `load`)
         self.host = torch.device("cpu")  # where idle networks wait when a memory budget needs them off the device
         self._where: dict[str, torch.device] = {}  # where _place moved a network; absent: where load left it
         self._model_info: dict | None = None
@@ -261,7 +263,10 @@ class Pipeline:
                       cosine_scale_1: float = 3.0, cosine_scale_2: float = 1.0, cosine_scale_3: float = 1.0,
                       sigma: float = 0.8, multi_decoder: bool = True, jitter: bool = True,
                       latents: torch.Tensor | None = None, noise: list[torch.Tensor] | None = None,
-                      scheduler: str = "ddim", callback: Callable[[int, int, int, int], None] | None = None,
+                      sampler: str | None = None, schedule: str | None = None, timesteps: list[int] | None = None,
+                      eta: float | None = None, guidance_rescale: float = 0.0, strength: float = 1.0,
+                      prediction_type: str | None = None, rescale_betas_zero_snr: bool | None = None,
+                      scheduler: str | None = None, callback: Callable[[int, int, int, int], None] | None = None,
                       decode_progress: bool | Callable[[int, int], None] | None = None,
                       resume: SavedScale | None = None, image: Image.Image | str | Path | None = None,
                       max_memory: int | str | None = None, view_parallel: bool = True,
@@ -287,9 +292,22 @@ class Pipeline:
         height = self.base_size * 2 if height is None else height
         width = self.base_size * 2 if width is None else width
         stride = self.configs.unet.sample_size // 2 if stride is None else stride  # 64 for SDXL
+        if sampler is not None and scheduler is not None and sampler != scheduler:
+            raise ValueError(f"sampler {sampler!r} and scheduler {scheduler!r}: scheduler is the older name of "
+                             "sampler; pass one")
+        sampler = sampler or scheduler
+        if resume is not None and sampler is None:  # a resumed run continues with the sampling it started with
+            saved = resume.settings
+            sampler, eta = saved.get("sampler", saved.get("scheduler")), saved.get("eta") if eta is None else eta
+            if schedule is None and timesteps is None:
+                schedule, timesteps = saved.get("schedule"), saved.get("timesteps")
         check_request(self.base_size, self.configs.unet.sample_size, height, width, num_inference_steps,
                       guidance_scale, 16 if view_batch_size is None else view_batch_size, stride, cosine_scale_1,
-                      cosine_scale_2, cosine_scale_3, sigma, scheduler)
+                      cosine_scale_2, cosine_scale_3, sigma)
+        choice = check_sampling(sampler or "ddim", schedule, num_inference_steps, timesteps, eta, strength,
+                                guidance_rescale, prediction_type, rescale_betas_zero_snr)
+        noise_schedule = self.noise_schedule.overridden(prediction_type, rescale_betas_zero_snr)
+        sampling = choice.sampling(num_inference_steps, noise_schedule)
         decode_tile, kept = 256 if multi_decoder else None, ("unet", "vae")  # kept: nothing moves unless planned
         if max_memory is not None:
             planned = self.plan_memory(max_memory, height, width, stride, not multi_decoder)
@@ -300,11 +318,19 @@ class Pipeline:
         if group is not None and (view_batch_size is None or max_memory is not None):
             # none asked for: spread the calls over the ranks (a single process given the recorded view batch
             # makes the same image)
-            view_batch_size = distributed.view_batch(memory.unet_views(self.configs.unet, height, width, stride),
-                                                     distributed.world(group), view_batch_size or 16)
+            view_batch_size = distributed.view_batch(
+                work.describe(height, width, base_px=self.base_size, window=self.configs.unet.sample_size,
+                              steps=sampling.steps, stride=stride, strength=strength), distributed.world(group),
+                view_batch_size or 16)
         view_batch_size = 16 if view_batch_size is None else view_batch_size
         settings = {"prompt": prompt, "negative": negative_prompt, "height": height, "width": width,
-                    "steps": num_inference_steps, "guidance": guidance_scale, "seed": seed, "scheduler": scheduler,
+                    "steps": num_inference_steps, "guidance": guidance_scale, "seed": seed,
+                    # "scheduler" is the sampler's older name, which metadata's A1111 text still reads
+                    "scheduler": choice.sampler, "sampler": choice.sampler,
+                    "schedule": choice.schedule_for(noise_schedule),
+                    "timesteps": None if choice.timesteps is None else list(choice.timesteps), "eta": sampling.eta,
+                    "guidance_rescale": guidance_rescale, "strength": strength,
+                    "prediction": noise_schedule.prediction_type, "zero_snr": noise_schedule.rescale_betas_zero_snr,
                     "stride": stride, "view_batch": view_batch_size, "c1": cosine_scale_1, "c2": cosine_scale_2,
                     "c3": cosine_scale_3, "sigma": sigma, "tiled_decode": multi_decoder, "jitter": jitter,
                     "image": image_path, "max_memory": max_memory, **self.sources}
@@ -317,7 +343,7 @@ class Pipeline:
         control = None if control_image is None else make_control(
             self.controlnets, control_image, controlnet_conditioning_scale, control_guidance_start,
             control_guidance_end, guess_mode, height=height, width=width, base_px=self.base_size,
-            steps=num_inference_steps)
+            steps=sampling.steps)
         try:
             self._place(None, kept)
             runner = distributed.view_runner(group) if group is not None else ViewRunner
@@ -354,7 +380,8 @@ class Pipeline:
                              guidance_scale=guidance_scale, generator=generator, stride=stride,
                              view_batch_size=view_batch_size, cosine_scale_1=cosine_scale_1,
                              cosine_scale_2=cosine_scale_2, cosine_scale_3=cosine_scale_3, sigma=sigma, jitter=jitter,
-                             latents=latents, noise=noise, scheduler=scheduler, progress=callback, resume=start_from,
+                             latents=latents, noise=noise, sampler=sampling, strength=strength,
+                             guidance_rescale=guidance_rescale, progress=callback, resume=start_from,
                              on_out_of_memory=lambda n: log.warning(
                                  "out of memory: continuing with %d view(s) per UNet call (view_batch_size)", n),
                              runner=runner if control is None else partial(runner, control=control))
@@ -414,6 +441,18 @@ class Pipeline:
         view_parallel: when a torch.distributed default group of more than one rank is initialised, every rank
         calls generate with the same arguments, shares the work of each step and of the decode (exact: the same
         result as one process; minifusion.distributed) and gets the same Result; False runs this process alone.
+        sampler: "ddim" (default, the paper's), "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde",
+        "unipc", "lcm" or "tcd", or Automatic1111's names ("DPM++ 2M Karras"); scheduler is its older name.
+        schedule: "leading", "trailing", "karras", "exponential", "ays", or None for Automatic1111's automatic
+        choice (minifusion.schedulers); timesteps: explicit integer timesteps instead (DMD2: [999, 749, 499, 249]);
+        eta: the stochastic samplers' eta (None: the sampler's default). Every sampler sees DemoFusion as one
+        denoiser of the whole canvas (minifusion.demofusion). guidance_rescale: diffusers' (Automatic1111's CFG
+        Rescale), per view. guidance_scale <= 1 runs the text-conditioned half only, half the UNet evaluations.
+        strength: scales >= 2 (and an `image`'s) re-noise to the point that leaves the last
+        steps x strength steps and run those (diffusers' img2img rule); 1 is the paper's.
+        prediction_type ("epsilon" / "v_prediction") and rescale_betas_zero_snr override what the checkpoint says
+        (`pipe.noise_schedule`, minifusion.noise). resume: continues with the sampler it started with unless one
+        is given.
         record: more settings to record in the images' metadata (the command line's own).
         Keywords take generate()'s names; the command line's (steps, negative, ...) get a TypeError naming them.
         """
