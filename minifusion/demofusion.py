@@ -196,7 +196,8 @@ def demofusion(unet: Callable, cond: Cond, *, height: int, width: int, base_px: 
                view_batch_size: int = 16, cosine_scale_1: float = 3.0, cosine_scale_2: float = 1.0,
                cosine_scale_3: float = 1.0, sigma: float = 0.8, jitter: bool = True,
                latents: torch.Tensor | None = None, noise: list[torch.Tensor] | None = None,
-               sampler: str | Sampling = "ddim", strength: float = 1.0, guidance_rescale: float = 0.0,
+               sampler: str | Sampling | None = None, scheduler: str | None = None, strength: float = 1.0,
+               guidance_rescale: float = 0.0,
                progress: Callable[[int, int, int, int], None] | None = None, resume: Resume | None = None,
                on_out_of_memory: Callable[[int], None] | None = None,
                runner: Callable[..., ViewRunner] = ViewRunner) -> Iterator[ScaleResult]:
@@ -204,7 +205,7 @@ def demofusion(unet: Callable, cond: Cond, *, height: int, width: int, base_px: 
 
     unet(latents (N,4,h,w), timesteps (N,), context (N,L,C), pooled (N,P), time_ids (N,6)) -> the model's output.
     sampler: a samplers.Sampling (sampler, schedule, model noise schedule), or a sampler's short name run on
-    SDXL's schedule with `steps` steps. strength: scales >= 2 re-noise to the point that leaves the last
+    SDXL's schedule with `steps` steps (default "ddim"; scheduler is its older name). strength: scales >= 2 re-noise to the point that leaves the last
     steps x strength steps (samplers.run_steps) and run those. guidance_rescale: views.rescale_guidance.
     latents: phase-1 initial noise (1,4,h,w); noise: one tensor per scale >= 2. What is not injected is drawn from
     `generator`, in that order (phase-1 noise, then per scale its noise, and per step the window jitter and the
@@ -215,6 +216,7 @@ def demofusion(unet: Callable, cond: Cond, *, height: int, width: int, base_px: 
     ControlNet or minifusion.distributed plug in there), which batches them view_batch_size at a time and
     halves the batch when memory runs out (on_out_of_memory(new batch) is told).
     """
+    sampler = sampler or scheduler or "ddim"
     run = Choice(sampler).sampling(steps) if isinstance(sampler, str) else sampler
     sizes = scale_sizes(height, width, base_px)
     device = cond.context.device

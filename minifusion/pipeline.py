@@ -13,7 +13,7 @@ from typing import Callable, Collection, Iterable, Iterator
 import torch
 from PIL import Image
 
-from . import distributed, memory, metadata, noise, work
+from . import distributed, memory, metadata, work
 from .checkpoint import Configs, find_checkpoint, inspect_checkpoint, load_components
 from .controlnet import make_control
 from .controlnet_file import inspect_controlnet, load_controlnet
@@ -23,6 +23,7 @@ from .encode import base_scale_size, encode_tiled, load_image, open_image, sampl
 from .demofusion import Resume, demofusion, scale_sizes
 from .files import SavedScale
 from .lora import Applied, infotext, open_loras
+from .noise import NoiseSchedule, detect
 from .prompt import Chunk, encode_rows, pad_rows, to_chunks
 from .schedulers import SCHEDULERS, check_sampling
 from .tokenizer import Tokenizer
@@ -98,7 +99,7 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     if own_vae is not None:
         models["vae"], cfgs = swap_in(own_vae, cfgs, placement(device)["vae"], vae_dtype)
     pipe = Pipeline(models, cfgs, device, dtype, header)
-    pipe.noise_schedule = noise.detect(*find_checkpoint(Path(path)))
+    pipe.noise_schedule = detect(*find_checkpoint(Path(path)))
     pipe.loras = patch.applied if patch is not None else []
     pipe.controlnets = [load_controlnet(f, placement(device)["unet"], dtype) for f in control_files]
     pipe.embeddings = load_embeddings(embeddings, (cfgs.text_encoder_1.width, cfgs.text_encoder_2.width),
@@ -199,7 +200,7 @@ class Pipeline:
         self.loras: list[Applied] = []  # merged LoRAs: file name, weight, A1111 short hash (lora.infotext)
         self.controlnets: list = []  # ControlNets (models.controlnet), on the UNet's device (see `load`)
         self.sources: dict = {"weights": None}  # what `load` was given, recorded in every image's metadata
-        self.noise_schedule = noise.NoiseSchedule()  # what the model predicts, on which alphas (see `load`)
+        self.noise_schedule = NoiseSchedule()  # what the model predicts, on which alphas (see `load`)
         self.host = torch.device("cpu")  # where idle networks wait when a memory budget needs them off the device
         self._where: dict[str, torch.device] = {}  # where _place moved a network; absent: where load left it
         self._model_info: dict | None = None

@@ -198,7 +198,6 @@ class Method(NamedTuple):
     divides: bool = True    # steps in sigma / alpha or log-SNR (see the module docstring)
     eta: float | None = None  # its default eta; None: it has none
     correct: Callable | None = None  # a corrector applied to the state once the model's output there is known
-    noisy: bool = False     # draws noise whatever eta (LCM)
 
 
 METHODS = {
@@ -209,7 +208,7 @@ METHODS = {
     "dpmpp_2m_sde": Method(dpmpp_2m_sde, eta=1.0),
     "dpmpp_3m_sde": Method(dpmpp_3m_sde, eta=1.0),
     "unipc": Method(unipc, correct=unipc_correct),
-    "lcm": Method(lcm, divides=False, noisy=True),
+    "lcm": Method(lcm, divides=False),
     "tcd": Method(tcd, terminal="first", divides=False, eta=0.3),
 }
 
@@ -228,10 +227,6 @@ class Sampling:
     @property
     def steps(self) -> int:
         return len(self.points) - 1
-
-    @property
-    def stochastic(self) -> bool:
-        return self.method.noisy or bool(self.eta)
 
     def timestep(self, i: int) -> float:
         return self.points[i].t
@@ -258,13 +253,12 @@ def build(name: str, schedule: str | None, steps: int, noise: NoiseSchedule = No
     table = noise.alphas_cumprod().tolist()
     if method.divides or noise.prediction_type == "epsilon":
         table = [max(a, ABAR_FLOOR) for a in table]
-    sigma_table = [max(a, ABAR_FLOOR) for a in table]  # a sigma schedule needs s(999) finite whatever the method
     if timesteps is not None:
         pts = [schedules.at(t, table) for t in timesteps]
     elif schedule in ("leading", "trailing"):
         pts = schedules.points(schedule, steps, table)
-    else:
-        pts = schedules.points(schedule, steps, sigma_table)
+    else:  # a sigma schedule needs s(999) finite whatever the method
+        pts = schedules.points(schedule, steps, [max(a, ABAR_FLOOR) for a in table])
     last = schedules.at(0, table) if method.terminal == "first" else Point(0.0, 1.0, 0.0)
     return Sampling(name, method, (*pts, last), tuple(table), noise.prediction_type,
                     method.eta if eta is None else eta)
