@@ -6,10 +6,10 @@ Evaluations: a 4096^2 SDXL run at the paper's default, at DPM++ 2M Karras 20 ste
 
 Accuracy (--solvers): for each sampler x steps, the final latents' error, ||z - z_ref|| / ||z_ref||, against a
 reference solution of the same run: 1000 DDIM steps on the trailing spacing (every training timestep; the leading
-spacing cannot hold 1000 steps), landing where the sampler lands (DDIM on abar_0, every other sampler on sigma 0:
+spacing cannot hold 1000 steps), landing where the sampler lands (DDIM and TCD on abar_0, the others on sigma 0:
 the same 1000-step trajectory, its last step to either end), with the UNet evaluations spent, for phase 1 alone
-and for a 3-scale DemoFusion run; and the fewest evaluations at which each sampler reaches DDIM-50's error. The
-same phase-1 noise and per-scale noise for every run, no window jitter. The bench's models have random weights:
+and for a 3-scale DemoFusion run; and the fewest evaluations at which each sampler reaches DDIM-50's error (within
+1 %). The same phase-1 noise and per-scale noise for every run, no window jitter. The bench's models have random weights:
 this says how the solvers converge on a smooth denoiser, not what images look like. Stochastic samplers (Euler a,
 the SDE samplers, LCM, TCD) converge in distribution, not to the ODE's solution: their error measures their noise.
 DemoFusion's skip residual (Eq. 3) is applied once per step, so its pull depends on the step count: the 3-scale
@@ -89,7 +89,8 @@ def accuracy(pipe, height: int, width: int, steps: list[int], reference_steps: i
     target = next(r["error"] for r in rows if r["sampler"] == "ddim" and r["steps"] == 50)
     fewest = {}
     for name in SAMPLERS:
-        reached = [r["evaluations"] for r in rows if r["sampler"] == name and r["error"] <= target]
+        # within 1 %: Euler's error at 50 steps is DDIM's to three digits, and should not fall on a coin toss
+        reached = [r["evaluations"] for r in rows if r["sampler"] == name and r["error"] <= 1.01 * target]
         fewest[name] = min(reached) if reached else None
     return {"height": height, "width": width, "scales": len(sizes), "guidance_scale": guidance_scale,
             "schedule": schedule,
@@ -111,7 +112,7 @@ def print_accuracy(a: dict) -> None:
             f"{cells[s]['error']:>9.2e} ({cells[s]['evaluations']:>5})" if s in cells else f"{'-':>17}"
             for s in steps) + f" {fewest if fewest is not None else '-':>11}")
     print(f"(UNet evaluations in brackets; 'to DDIM-50': the fewest evaluations tried that reach DDIM-50's "
-          f"error, {a['ddim_50_error']:.2e})")
+          f"error, {a['ddim_50_error']:.2e}, within 1 %)")
 
 
 def run(pipe, sizes: list[str], steps: list[int], reference_steps: int, seed: int,
