@@ -321,7 +321,7 @@ class Pipeline:
             # makes the same image)
             view_batch_size = distributed.view_batch(
                 work.describe(height, width, base_px=self.base_size, window=self.configs.unet.sample_size,
-                              steps=sampling.steps, stride=stride, strength=strength), distributed.world(group),
+                              steps=sampling.steps, stride=stride, strength=choice.strength), distributed.world(group),
                 view_batch_size or 16)
         view_batch_size = 16 if view_batch_size is None else view_batch_size
         settings = {"prompt": prompt, "negative": negative_prompt, "height": height, "width": width,
@@ -330,7 +330,7 @@ class Pipeline:
                     "scheduler": choice.sampler, "sampler": choice.sampler,
                     "schedule": choice.schedule_for(noise_schedule),
                     "timesteps": None if choice.timesteps is None else list(choice.timesteps), "eta": sampling.eta,
-                    "guidance_rescale": guidance_rescale, "strength": strength,
+                    "guidance_rescale": guidance_rescale, "strength": choice.strength,
                     "prediction": noise_schedule.prediction_type, "zero_snr": noise_schedule.rescale_betas_zero_snr,
                     "stride": stride, "view_batch": view_batch_size, "c1": cosine_scale_1, "c2": cosine_scale_2,
                     "c3": cosine_scale_3, "sigma": sigma, "tiled_decode": multi_decoder, "jitter": jitter,
@@ -381,7 +381,7 @@ class Pipeline:
                              guidance_scale=guidance_scale, generator=generator, stride=stride,
                              view_batch_size=view_batch_size, cosine_scale_1=cosine_scale_1,
                              cosine_scale_2=cosine_scale_2, cosine_scale_3=cosine_scale_3, sigma=sigma, jitter=jitter,
-                             latents=latents, noise=noise, sampler=sampling, strength=strength,
+                             latents=latents, noise=noise, sampler=sampling, strength=choice.strength,
                              guidance_rescale=guidance_rescale, progress=callback, resume=start_from,
                              on_out_of_memory=lambda n: log.warning(
                                  "out of memory: continuing with %d view(s) per UNet call (view_batch_size)", n),

@@ -83,9 +83,6 @@ class Choice(NamedTuple):
     eta: float | None = None
     strength: float = 1.0
 
-    def steps(self, num_inference_steps: int) -> int:
-        return len(self.timesteps) if self.timesteps is not None else num_inference_steps
-
     def schedule_for(self, noise: NoiseSchedule = NoiseSchedule()) -> str | None:
         """The schedule it runs on a model: the one asked, else Automatic's; None with explicit timesteps."""
         return None if self.timesteps is not None else self.schedule or default_schedule(self.sampler, noise)
