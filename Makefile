@@ -12,6 +12,9 @@ install:
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e '.[test,ui,canny]'
+	# k-diffusion, a test oracle: without its dependencies (wandb, clean-fid, clip, kornia, ... for its training
+	# code); the tests load its sampling module alone, whose imports the test extra has (tests/sampler_oracles.py)
+	$(BIN)/pip install --quiet --no-deps k-diffusion==0.1.1.post1
 
 test:
 	$(BIN)/python -m pytest -q

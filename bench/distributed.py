@@ -16,7 +16,7 @@ writes one JSON with every rank's record; the driver adds the machine's load, pr
 bench/results/<stamp>-distributed-<model>-<device>.json.
 
 Predicted: the same work counts the sampler forms (per step the calls of `view_batch` views of
-memory.unet_views's groups, assigned to ranks by minifusion.distributed.assign, each costing
+minifusion.work.describe's calls, assigned to ranks by minifusion.distributed.assign, each costing
 memory.unet_flops per view x 2 for guidance), the tiled decode's tile rows of every stage's own map split as
 GroupShare splits them (each stage's FLOPs counted on the meta device), and what stays on one rank or on every
 rank: phase 1's single view, the sampler's elementwise work (`sampler_share` of a one-process step, assumed),
@@ -82,11 +82,12 @@ def _ints(text: str) -> list[int]:
 # Work counts
 
 def step_calls(unet_cfg, height: int, width: int, batch: int, stride: int | None = None) -> list[list[tuple]]:
-    """Per scale, one step's UNet calls as the sampler forms them: [(views, h, w)], group by group, `batch` views a
-    call (minifusion.distributed.ViewParallel forms the same calls)."""
-    from minifusion import memory
-    return [[(min(batch, n - k), vh, vw) for vh, vw, n in groups for k in range(0, n, batch)]
-            for groups in memory.unet_views(unet_cfg, height, width, stride)]
+    """Per scale, one step's UNet calls as the sampler forms them (minifusion.work.describe): [(views, h, w)], group
+    by group, `batch` views a call (minifusion.distributed.ViewParallel forms the same calls)."""
+    from minifusion.work import describe
+    work = describe(height, width, base_px=unet_cfg.sample_size * 8, window=unet_cfg.sample_size, steps=1,
+                    stride=stride, view_batch=batch)
+    return [[(n, *scale.groups[g].size) for g, n in scale.calls] for scale in work]
 
 
 def rank_loads(calls: list[tuple], world: int, flops) -> list[float]:

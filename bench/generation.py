@@ -14,6 +14,7 @@ from minifusion.checkpoint import meta_models
 from minifusion.decode import decode_flops
 from minifusion.demofusion import Cond, demofusion, scale_sizes
 from minifusion.memory import unet_flops
+from minifusion.work import describe
 from minifusion.pipeline import Pipeline
 
 from .measure import PeakMemory, sync, timed
@@ -56,7 +57,8 @@ def run(pipe: Pipeline, height: int, width: int, steps: int, view_batch_size: in
         return image
 
     pipe.decode, pipe.encode_prompt = timed_decode, timed_encode
-    views = memory.unet_views(pipe.configs.unet, height, width, stride)
+    work = describe(height, width, base_px=pipe.base_size, window=pipe.configs.unet.sample_size, steps=steps,
+                    stride=stride)
     rows = []
     start = time.perf_counter()
     try:
@@ -64,7 +66,8 @@ def run(pipe: Pipeline, height: int, width: int, steps: int, view_batch_size: in
                                         view_batch_size=view_batch_size, multi_decoder=tiled_decode,
                                         max_memory=max_memory):
             st = scale.stats
-            flops = sum(2 * n * steps * unet_flops(pipe.configs.unet, h, w) for h, w, n in views[scale.scale - 1])
+            done = work[scale.scale - 1]
+            flops = sum(done.steps * done.halves * g.count * unet_flops(pipe.configs.unet, *g.size) for g in done.groups)
             dec_flops = decode_flops(pipe.configs.vae, (1, pipe.configs.vae.latent_channels, *st["latent_size"]))
             row = {"scale": st["scale"], "latent_size": list(st["latent_size"]), "image_size": [*scale.image.size],
                    "view_batch_size": st["view_batch_size"], "decode_tile": st["decode_tile"],

@@ -7,6 +7,8 @@ Sections (each optional except where noted):
   loading      a full-size fp16 single file into our models, in a fresh process: --loading
   memory       the memory model for this model: --predict-sizes 2048,3072,4096 and --max-memory 8,12,24 (GiB;
                the generation, when on, runs within the first)
+  samplers     UNet evaluations of a 4096^2 SDXL run at four recipes (always; arithmetic), and --solvers: each
+               sampler's accuracy against a 1000-step reference for the UNet evaluations it spends (bench/solvers.py)
   distributed  --ranks 1,2: instead of the above, one image view-parallel over each rank count, measured, and the
                speed-up predicted for 2/4/8 GPUs (bench/distributed.py)
 Writes bench/results/<stamp>-<model>-<device>.json and .png (git-ignored) and prints tables.
@@ -26,7 +28,7 @@ from minifusion import memory
 from minifusion.checkpoint import inspect_checkpoint
 from minifusion.pipeline import default_device, default_dtype, resident
 
-from . import chart, components, distributed, generation, loading
+from . import chart, components, distributed, generation, loading, solvers
 from .measure import fix_mmap_threshold, machine, peak_tflops
 from .models import CONFIGS, make_pipeline
 
@@ -72,6 +74,16 @@ def parse_args(argv):
                     "(generate(max_memory=...)) and its measured peak is checked against it")
     ap.add_argument("--predict-dtype", choices=list(DTYPES), default="float16",
                     help="dtype of the memory model's predictions (default float16, as on a GPU)")
+    ap.add_argument("--solvers", action="store_true",
+                    help="each sampler x --solver-steps against a reference run of each --solver-sizes")
+    ap.add_argument("--solver-steps", type=lambda t: [int(v) for v in t.split(",")], default=[4, 8, 16, 32, 50],
+                    help="step counts of the accuracy table (default 4,8,16,32,50)")
+    ap.add_argument("--solver-reference", type=int, default=1000, help="DDIM steps of the reference (default 1000)")
+    ap.add_argument("--solver-schedule", help="one schedule for every sampler of the accuracy table (default: "
+                    "each sampler's automatic one)")
+    ap.add_argument("--solver-sizes", type=lambda t: [v for v in t.split(",") if v], default=["64x256", "192x768"],
+                    help="WxH of each run of the accuracy table (default 64x256,192x768: phase 1 alone and 3 scales "
+                    "on the tiny model, each as narrow as a run may be)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
     distributed.add_arguments(ap)
     return ap.parse_args(argv)
@@ -266,6 +278,15 @@ def main(argv=None) -> int:
                   f"({'meets' if r['target_met'] else 'MISSES'} <= 1.3{' + LoRAs' if loras else ''}), "
                   f"anon {r['peak_anon_growth_bytes'] / 1e9:.2f} GB")
         lap("loading")
+
+    result["evaluations_4096"] = solvers.evaluations()
+    solvers.print_evaluations(result["evaluations_4096"])
+    if args.solvers:
+        pipe = make_pipeline(args.model, args.weights, device, dtype)
+        result["solvers"] = solvers.run(pipe, args.solver_sizes, args.solver_steps, args.solver_reference, args.seed,
+                                        args.solver_schedule)
+        del pipe
+        lap("solvers")
 
     sizes = [int(s) for s in args.predict_sizes.split(",") if s]
     if sizes or args.max_memory:

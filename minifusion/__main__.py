@@ -27,6 +27,17 @@ def _memory_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _typed(parse):
+    """A row's parse as an argparse type: its ValueError is argparse's one-line usage error."""
+    def typed(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    typed.__name__ = parse.__name__
+    return typed
+
+
 def _help(s: Setting) -> str:
     shown = s.default is not None and s.kind is not bool and not s.many and not s.resolved
     return s.described(cli_word) + (f" (default {s.default:g})" if shown and isinstance(s.default, float) else
@@ -47,12 +58,14 @@ def parser() -> argparse.ArgumentParser:
         if s.kind is bool:
             ap.add_argument(s.option, action="store_const", const=not s.default, **kw)
             continue
-        kw["type"] = _memory_size if s.name == "max_memory" else {int: int, float: float}.get(s.kind, str)
+        kw["type"] = (_memory_size if s.name == "max_memory" else _typed(s.parse) if s.parse
+                      else {int: int, float: float}.get(s.kind, str))
         if s.choices:
             kw["choices"] = s.choices
         if s.metavar:
             kw["metavar"] = s.metavar
-        ap.add_argument(s.option, action="append" if s.many else "store", **kw)
+        older = ("--" + s.older.replace("_", "-"),) if s.older else ()
+        ap.add_argument(s.option, *older, action="append" if s.many else "store", **kw)
     return ap
 
 

@@ -27,6 +27,7 @@ from .families import CHECKPOINTS, identify, pipeline_family
 from .keyops import apply_op
 from .model_files import diffusers_files, find_checkpoint, read_json
 from .models import clip, unet, vae
+from .noise import MARKERS
 from .safetensors_check import DTYPES, CheckpointError, SafetensorsFile, first_line, show
 
 COMPONENTS = ("unet", "vae", "text_encoder_1", "text_encoder_2")
@@ -370,7 +371,8 @@ def load_components(path: str | Path, devices: torch.device | dict[str, torch.de
                 keys = [k for k in src.keys() if k.startswith(SINGLE_FILE_PREFIX[c])]
                 for acc, found in zip(problems, check(tables[c], _shapes(models[c]), src, keys, SINGLE_FILE_OPTIONAL)):
                     acc += found
-            problems[1] += [k for k in src.keys() if not k.startswith(tuple(SINGLE_FILE_PREFIX.values()))]
+            problems[1] += [k for k in src.keys() if not k.startswith(tuple(SINGLE_FILE_PREFIX.values()))
+                            and k not in MARKERS]  # v_pred / ztsnr: read by minifusion.noise
             if any(problems):
                 raise CheckpointError(_report(where, *problems))
         else:

@@ -283,7 +283,7 @@ def describe(cfgs, settings: dict, first: int, device: torch.device, dtype: torc
     sizes = [(8 * a, 8 * b) for a, b in scale_sizes(h, w, base)]
     est = memory.estimate(cfgs, h, w, settings["steps"], view_batch_size=settings["view_batch"], dtype=dtype,
                           decode_tile=256 if settings["tiled_decode"] else None, stride=settings["stride"],
-                          resident=resident(device), **extra)
+                          resident=resident(device), guidance_scale=settings["guidance"], **extra)
     evals = total_evals(cfgs, settings, first)
     peak = max(memory.needs(est["scales"], device.type))
     scales = " -> ".join(f"{b}x{a}" for a, b in sizes[first - 1:])
@@ -308,7 +308,8 @@ def check_fits(cfgs, settings: dict, device: torch.device, dtype: torch.dtype, e
         return
     est = memory.estimate(cfgs, settings["height"], settings["width"], settings["steps"], view_batch_size=1,
                           dtype=dtype, decode_tile=memory.DECODE_TILES[-1], stride=settings["stride"],
-                          resident=resident(device), **extra)
+                          resident=resident(device), guidance_scale=settings["guidance"],
+                          strength=settings["strength"], **extra)
     need = max(memory.needs(est["scales"], device.type))
     if need > have:
         raise UserError(f"{settings['width']}x{settings['height']} needs about {need / 2**30:.1f} GiB even with "
@@ -338,9 +339,7 @@ def plan_memory(cfgs, settings: dict, device: torch.device, dtype: torch.dtype, 
 
 def total_evals(cfgs, settings: dict, first: int) -> int:
     """UNet evaluations of one image from scale `first` on (an encoded picture's scale 1 costs none)."""
-    views = memory.unet_views(cfgs.unet, settings["height"], settings["width"], settings["stride"])
-    start = max(first, 2 if settings["image"] else 1)
-    return sum(2 * settings["steps"] * n for s, vs in enumerate(views, 1) if s >= start for *_, n in vs)
+    return sum(scale.unet_evals for scale in request.work_of(settings, cfgs, first=first))
 
 
 def load_pipeline(p: Plan, shown: bool, text_encoders: bool):

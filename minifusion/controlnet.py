@@ -16,7 +16,10 @@ ControlNet pipeline (PRIS-CV/DemoFusion, pipeline_demofusion_sdxl_controlnet.py)
 - Several ControlNets: each with its image, scale, start and end; their residuals add up (diffusers'
   MultiControlNetModel).
 - Guess mode: the ControlNet sees only the text-conditioned rows, its residuals weighted 0.1 .. 1.0 from the
-  shallowest skip to the middle block, and the unconditioned rows get none.
+  shallowest skip to the middle block, and the unconditioned rows get none. Without classifier-free guidance
+  (guidance scale at most 1: text rows only) every row is a text row.
+- Strength over a scale of fewer steps (strength < 1): start and end are fractions of the steps the scale runs,
+  as diffusers' img2img ControlNet pipelines count them.
 
 Where the official crashes, this does what it means:
 - A scale whose pixel size is not a multiple of 8 (e.g. 2048 x 3072 on SDXL: scale 2 is 1365 x 2048 px, 170
@@ -179,25 +182,27 @@ class Control:
         return x
 
     def __call__(self, x2: torch.Tensor, t2: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
-                 time_ids: torch.Tensor, views: list[View], *, step: int, scale: int) -> Residuals | None:
-        """x2 ... time_ids: the UNet call's inputs (each view twice, unconditioned then text-conditioned);
-        views: the n views' geometry; step: index in the scale; scale: 1..S. None when no ControlNet acts."""
+                 time_ids: torch.Tensor, views: list[View], *, step: int, scale: int, steps: int | None = None,
+                 halves: int = 2) -> Residuals | None:
+        """x2 ... time_ids: the UNet call's inputs (each view twice, unconditioned then text-conditioned, or once,
+        text-conditioned, with halves 1); views: the n views' geometry; step: index in the scale's `steps` (default:
+        the run's steps); scale: 1..S. None when no ControlNet acts."""
         total: Residuals | None = None
         for index, u in enumerate(self.units):
-            weight = u.scale * keep(step, self.steps, u.start, u.end)
+            weight = u.scale * keep(step, steps or self.steps, u.start, u.end)
             if weight == 0:
                 continue
             condition = self.condition(index, scale, x2.device)
             dtype = u.net.time_embed[0].weight.dtype
             # one crop per view, in the net's dtype: the net embeds it once for the view's two CFG rows
             hint = torch.cat([view_condition(condition, v).to(dtype) for v in views])
-            if self.guess_mode:
+            if self.guess_mode and halves == 2:
                 text = slice(1, None, 2)
                 down, mid = u.net(x2[text], t2[text], context[text], pooled[text], time_ids[text], hint,
                                   scale=weight, guess_mode=True)
                 down, mid = [_text_rows_only(r) for r in down], _text_rows_only(mid)
             else:
-                down, mid = u.net(x2, t2, context, pooled, time_ids, hint, scale=weight)
+                down, mid = u.net(x2, t2, context, pooled, time_ids, hint, scale=weight, guess_mode=self.guess_mode)
             if total is None:
                 total = (down, mid)
             else:

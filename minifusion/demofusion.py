@@ -4,6 +4,16 @@ Phase 1 is plain SDXL sampling at the base size. Every later scale s = 2..S upsa
 re-noises it (Eq. 2) and denoises it again; each step first mixes in the re-noised upsample (skip residual,
 Eq. 3), then fuses overlapping local windows (MultiDiffusion) with s x s dilated global views (Eq. 4-6).
 Every mechanism is a pure tensor function below; `demofusion` wires them up like the paper's Algorithm 1.
+
+The fusion happens inside the denoiser, as the tiled-diffusion extensions that work with every sampler do
+(ComfyUI-TiledDiffusion, Automatic1111's multidiffusion-upscaler): every view's guided model output is put back
+on the whole canvas (windows averaged, dilated views scattered, Eq. 5's mix), and then one sampler step
+(minifusion.samplers) moves the canvas. The reference steps each view and averages the stepped views instead;
+for DDIM and Euler, whose step is affine in (state, model output) with the same coefficients for every view,
+the two are the same numbers up to float rounding, while a multistep solver now keeps one history for the
+canvas and a stochastic one draws one noise tensor for it (in the reference each view batch overwrites the
+history and the overlaps average the noise away). The skip residual is a change of state the sampler is told
+about (`samplers.sample(change=...)`).
 """
 from __future__ import annotations
 
@@ -13,7 +23,9 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .schedulers import SCHEDULERS, TRAIN_STEPS
+from .samplers import Sampling, randn, run_steps, sample
+from .schedulers import Choice
+from .schedules import TRAIN_STEPS
 from .views import Cond, Dilated, ViewRunner, Whole, Window
 
 LATENT_CHANNELS = 4
@@ -143,15 +155,15 @@ def undilate(views: torch.Tensor, s: int) -> torch.Tensor:
     return views.reshape(s, s, n // (s * s), c, h, w).permute(2, 3, 4, 0, 5, 1).reshape(n // (s * s), c, h * s, w * s)
 
 
-def global_views(z: torch.Tensor, s: int, blur_std: float) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-    """Shifted dilated sampling (Eq. 4-6): the s*s dilated views of the zero-padded latents, the same views of
-    their blurred copy (what the UNet sees; the scheduler step moves the unblurred ones), and the padding."""
+def global_views(z: torch.Tensor, s: int, blur_std: float) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Shifted dilated sampling (Eq. 4-6): the s*s dilated views of the zero-padded latents' blurred copy (what
+    the UNet sees; the sampler step moves the unblurred canvas), and the padding."""
     zp, pad = pad_to_multiple(z, s)
-    return dilate(zp, s), dilate(blur_rescaled(zp, s, blur_std), s), pad
+    return dilate(blur_rescaled(zp, s, blur_std), s), pad
 
 
 def merge_dilated(views: torch.Tensor, s: int, pad: tuple[int, int]) -> torch.Tensor:
-    """Scatter the denoised dilated views back to their strided positions and drop the padding."""
+    """Scatter the dilated views' outputs back to their strided positions and drop the padding."""
     return undilate(views, s)[:, :, pad[0]:, pad[1]:]
 
 
@@ -159,7 +171,7 @@ class ScaleStats(NamedTuple):
     latent_size: tuple[int, int]
     windows: int        # local windows per step (0 in phase 1)
     dilated_views: int  # global views per step, s*s (0 in phase 1)
-    unet_evals: int     # UNet batch items over the scale: views x 2 (CFG) x steps
+    unet_evals: int     # UNet batch items over the scale: views x CFG halves x steps (work.describe's count)
     unet_calls: int     # UNet forward calls over the scale
 
 
@@ -178,56 +190,61 @@ class Resume(NamedTuple):
     anchor_std: float
 
 
-def _randn(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    gen_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
-
-
 @torch.no_grad()
 def demofusion(unet: Callable, cond: Cond, *, height: int, width: int, base_px: int, window: int, steps: int,
                guidance_scale: float, generator: torch.Generator | None = None, stride: int = 64,
                view_batch_size: int = 16, cosine_scale_1: float = 3.0, cosine_scale_2: float = 1.0,
                cosine_scale_3: float = 1.0, sigma: float = 0.8, jitter: bool = True,
                latents: torch.Tensor | None = None, noise: list[torch.Tensor] | None = None,
-               scheduler: str = "ddim", progress: Callable[[int, int, int, int], None] | None = None,
-               resume: Resume | None = None, on_out_of_memory: Callable[[int], None] | None = None,
+               sampler: str | Sampling | None = None, scheduler: str | None = None, strength: float = 1.0,
+               guidance_rescale: float = 0.0,
+               progress: Callable[[int, int, int, int], None] | None = None, resume: Resume | None = None,
+               on_out_of_memory: Callable[[int], None] | None = None,
                runner: Callable[..., ViewRunner] = ViewRunner) -> Iterator[ScaleResult]:
     """Yield ScaleResult(scale, latents, stats) as each scale 1..S finishes; scales >= 2 renormalised.
 
-    unet(latents (N,4,h,w), timesteps (N,), context (N,L,C), pooled (N,P), time_ids (N,6)) -> eps.
-    latents: phase-1 initial noise (1,4,h,w), unscaled; noise: one tensor per scale >= 2. What is not
-    injected is drawn from `generator`, in that order (phase-1 noise, then per scale its noise and the
-    window jitter of each step). progress(scale, step, steps, unet_evals so far in this scale) after each step,
-    and with step 0 as each scale begins.
+    unet(latents (N,4,h,w), timesteps (N,), context (N,L,C), pooled (N,P), time_ids (N,6)) -> the model's output.
+    sampler: a samplers.Sampling (sampler, schedule, model noise schedule), or a sampler's short name run on
+    SDXL's schedule with `steps` steps (default "ddim"; scheduler is its older name). strength: scales >= 2 re-noise to the point that leaves the last
+    steps x strength steps (samplers.run_steps) and run those. guidance_rescale: views.rescale_guidance.
+    latents: phase-1 initial noise (1,4,h,w); noise: one tensor per scale >= 2. What is not injected is drawn from
+    `generator`, in that order (phase-1 noise, then per scale its noise, and per step the window jitter and the
+    sampler's noise). progress(scale, step, steps run at the scale, unet_evals so far in this scale) after each
+    step, and with step 0 as each scale begins.
     resume: start after a finished scale instead of at phase 1.
     Every step's views go through one `runner` (views.ViewRunner, or a factory taking its arguments: a
     ControlNet or minifusion.distributed plug in there), which batches them view_batch_size at a time and
     halves the batch when memory runs out (on_out_of_memory(new batch) is told).
     """
-    sch = SCHEDULERS[scheduler](steps)
-    pairs = list(zip(sch.timesteps, sch.timesteps[1:] + [-1]))
+    sampler = sampler or scheduler or "ddim"
+    run = Choice(sampler).sampling(steps) if isinstance(sampler, str) else sampler
     sizes = scale_sizes(height, width, base_px)
     device = cond.context.device
     margin = window_margin(window, stride)
     run_views = runner(unet, cond, size=(height, width), guidance_scale=guidance_scale, batch=view_batch_size,
-                       on_out_of_memory=on_out_of_memory)
+                       guidance_rescale=guidance_rescale, on_out_of_memory=on_out_of_memory)
+
+    def report(s: int, begin: int, evals: int) -> Callable[[int], None] | None:
+        # scale s runs the schedule's steps begin .. N - 1
+        if progress is None:
+            return None
+        progress(s, 0, run.steps - begin, 0)
+        return lambda i: progress(s, i - begin + 1, run.steps - begin, run_views.evals - evals)
 
     if noise is not None and len(noise) != len(sizes) - 1:
         raise ValueError(f"{len(sizes)} scales need {len(sizes) - 1} noise tensors, got {len(noise)}")
     if resume is None:
-        # phase 1: ordinary SDXL sampling at the base size
+        # phase 1: ordinary SDXL sampling at the base size, from pure noise (x_T = eps: variance preserving)
         if latents is None:
-            latents = _randn((1, LATENT_CHANNELS, *sizes[0]), generator, device)
+            latents = randn((1, LATENT_CHANNELS, *sizes[0]), generator, device)
         if latents.shape != (1, LATENT_CHANNELS, *sizes[0]):
             raise ValueError(f"phase-1 latents must be {(1, LATENT_CHANNELS, *sizes[0])}, got {tuple(latents.shape)}")
-        z = latents.to(device, torch.float32) * sch.init_sigma
-        if progress is not None:
-            progress(1, 0, steps, 0)
-        for i, (t, t_prev) in enumerate(pairs):
-            eps, = run_views([(sch.scale_input(z, t), [Whole()])], t, i, 1)
-            z = sch.step(z, eps, t, t_prev)
-            if progress is not None:
-                progress(1, i + 1, steps, run_views.evals)
+
+        def whole(x: torch.Tensor, i: int) -> torch.Tensor:
+            return run_views([(x, [Whole()])], run.timestep(i), i, 1, run.steps)[0]
+
+        z = sample(run, whole, latents.to(device, torch.float32), generator=generator,
+                   on_step=report(1, 0, 0))
         yield ScaleResult(1, z, ScaleStats(sizes[0], 0, 0, run_views.evals, run_views.calls))
         anchor_mean, anchor_std = z.mean(), z.std()  # the statistics every later scale is renormalised to
         first = 2
@@ -239,32 +256,36 @@ def demofusion(unet: Callable, cond: Cond, *, height: int, width: int, base_px: 
         anchor_mean, anchor_std = resume.anchor_mean, resume.anchor_std
         first = resume.scale + 1
 
+    n = run_steps(run.steps, strength)
+    start = run.steps - n  # strength < 1: the first steps are skipped
     for s in range(first, len(sizes) + 1):
         evals, calls = run_views.evals, run_views.calls
         z_up = upsample(z, sizes[s - 1])
-        eps = noise[s - 2].to(device, torch.float32) if noise is not None else _randn(z_up.shape, generator, device)
+        eps = noise[s - 2].to(device, torch.float32) if noise is not None else randn(z_up.shape, generator, device)
         if eps.shape != z_up.shape:
             raise ValueError(f"scale {s} noise must be {tuple(z_up.shape)}, got {tuple(eps.shape)}")
         h, w = z_up.shape[-2:]
         n_windows = len(local_windows(h, w, window, stride))
-        z = sch.add_noise(z_up, eps, pairs[0][0])  # Eq. 2 at t_0
-        if progress is not None:
-            progress(s, 0, steps, 0)
-        for k, (t, t_prev) in enumerate(pairs):
-            z = skip_residual(z, sch.add_noise(z_up, eps, t), t, cosine_scale_1)  # Eq. 2 (same eps), Eq. 3
+
+        def skip(x: torch.Tensor, i: int) -> torch.Tensor:
+            # Eq. 2 (the same eps at every t), Eq. 3
+            return skip_residual(x, run.add_noise(z_up, eps, i), run.timestep(i), cosine_scale_1)
+
+        def fused(x: torch.Tensor, i: int) -> torch.Tensor:
+            t = run.timestep(i)
             windows = local_windows(h, w, window, stride, jitter, generator)
-            local = local_views(z, windows, margin)
             c3 = 0.99 * cosine_factor(t) ** cosine_scale_3 + 0.01
-            dilated, blurred, pad = global_views(z, s, sigma * c3)
+            blurred, pad = global_views(x, s, sigma * c3)
             # every UNet view of the step at once: the UNet sees the blurred dilated views (Eq. 6)
-            eps_local, eps_global = run_views(
-                [(sch.scale_input(local, t), [Window(*box, margin) for box in windows]),
-                 (sch.scale_input(blurred, t), [Dilated(i, j, s, *pad) for i in range(s) for j in range(s)])],
-                t, k, s)
-            z = fuse(merge_windows(sch.step(local, eps_local, t, t_prev), windows, margin, (h, w)),
-                     merge_dilated(sch.step(dilated, eps_global, t, t_prev), s, pad), t, cosine_scale_2)  # Eq. 5
-            if progress is not None:
-                progress(s, k + 1, steps, run_views.evals - evals)
+            out_local, out_global = run_views(
+                [(local_views(x, windows, margin), [Window(*box, margin) for box in windows]),
+                 (blurred, [Dilated(a, b, s, *pad) for a in range(s) for b in range(s)])], t, i - start, s, n)
+            # the outputs on the canvas: windows averaged (Eq. 4), dilated views put back, the two mixed (Eq. 5)
+            return fuse(merge_windows(out_local, windows, margin, (h, w)), merge_dilated(out_global, s, pad), t,
+                        cosine_scale_2)
+
+        z = sample(run, fused, run.add_noise(z_up, eps, start), first=start, change=skip,  # Eq. 2 at the start
+                   generator=generator, on_step=report(s, start, evals))
         z = renormalise(z, anchor_mean, anchor_std)
         yield ScaleResult(s, z, ScaleStats(sizes[s - 1], n_windows, s * s, run_views.evals - evals,
                                            run_views.calls - calls))

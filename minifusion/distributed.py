@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 
 from .decode import Box, TileShare, _Map, _rows
-from .views import Group, ViewRunner, is_out_of_memory
+from .views import Group, ViewRunner, batches, is_out_of_memory
+from .work import ScaleWork
 
 DEFAULT_TIMEOUT_S = 1800  # the longest a rank waits for the others: above any gap between collectives (a 4096^2 PNG
 # write on rank 0, a slow first load), far below "hung forever"
@@ -161,22 +162,22 @@ def assign(costs: list[float], world: int) -> list[int]:
     return owner
 
 
-def view_batch(views: list[list[tuple[int, int, int]]], world: int, most: int = 16) -> int:
+def view_batch(work: list[ScaleWork], world: int, most: int = 16) -> int:
     """The view batch that spreads a run's UNet calls best over `world` ranks, for when none is asked for: of
     16, 8, 4, 2, 1 (at most `most`) the largest whose busiest rank has at most 5 % more work, summed over the
-    scales (a call costing its views x latent pixels), than the best one's, as fuller calls use a GPU better.
-    views: per scale [(latent h, latent w, how many)] (memory.unet_views). With 16 a call a 2048^2 step has only
-    2 calls, so 16 GPUs would run it no faster than 2."""
+    scales' steps (a call costing its views x latent pixels), than the best one's, as fuller calls use a GPU
+    better. work: the run's work.describe (its view groups and steps; its own view batch does not matter). With
+    16 a call a 2048^2 step has only 2 calls, so 16 GPUs would run it no faster than 2."""
     def busiest(batch: int) -> int:
-        work = 0
-        for groups in views:
-            costs = [min(batch, n - k) * h * w for h, w, n in groups for k in range(0, n, batch)]
+        total = 0
+        for scale in work:
+            costs = [(b - a) * g.size[0] * g.size[1] for g in scale.groups for a, b in batches(g.count, batch)]
             owner = assign(costs, world)
-            work += max(sum(c for c, o in zip(costs, owner) if o == r) for r in range(world))
-        return work
+            total += scale.steps * max(sum(c for c, o in zip(costs, owner) if o == r) for r in range(world))
+        return total
 
-    work = {b: busiest(b) for b in (16, 8, 4, 2, 1) if b <= most}
-    return max(b for b, w in work.items() if w <= 1.05 * min(work.values()))
+    busy = {b: busiest(b) for b in (16, 8, 4, 2, 1) if b <= most}
+    return max(b for b, w in busy.items() if w <= 1.05 * min(busy.values()))
 
 
 class ViewParallel(ViewRunner):
@@ -187,10 +188,10 @@ class ViewParallel(ViewRunner):
         self.group = group or default_group()
         self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
 
-    def __call__(self, groups: list[Group], t: int, step: int, scale: int) -> list[torch.Tensor]:
+    def __call__(self, groups: list[Group], t: float, step: int, scale: int, steps: int | None = None
+                 ) -> list[torch.Tensor]:
         while True:
-            calls = [(g, k, min(k + self.batch, len(x))) for g, (x, _) in enumerate(groups)
-                     for k in range(0, len(x), self.batch)]
+            calls = [(g, a, b) for g, (x, _) in enumerate(groups) for a, b in batches(len(x), self.batch)]
             owner = assign([(b - a) * groups[g][0].shape[-2] * groups[g][0].shape[-1] for g, a, b in calls], self.world)
             status, error, mine = OK, None, []
             for c, (g, a, b) in enumerate(calls):
@@ -199,7 +200,7 @@ class ViewParallel(ViewRunner):
                 x, views = groups[g]
                 if status == OK:
                     try:
-                        mine.append(self.call(x[a:b], views[a:b], t, step, scale))
+                        mine.append(self.call(x[a:b], views[a:b], t, step, scale, steps))
                         continue
                     except Exception as err:  # told to every rank through the gather, then raised here
                         status, error = (OUT_OF_MEMORY if is_out_of_memory(err) else FAILED), err
@@ -218,7 +219,7 @@ class ViewParallel(ViewRunner):
         for c, (g, a, b) in enumerate(calls):
             outs[g].append(got[owner[c]][taken[owner[c]]])
             taken[owner[c]] += 1
-            self.evals, self.calls = self.evals + 2 * (b - a), self.calls + 1
+            self.evals, self.calls = self.evals + self.halves * (b - a), self.calls + 1
         return [torch.cat(o) for o in outs]
 
     def _stop_or_halve(self, statuses: list[int], error: BaseException | None) -> None:

@@ -21,11 +21,11 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from .files import atomic_write
-from .settings import BY_NAME, RECORDED, ROWS, VERSION
+from .samplers import METHODS
+from .settings import BY_NAME, RECORDED, ROWS, SAMPLERS, SCHEDULES, VERSION, sampler_name, schedule_name
 
 KEY = "minifusion"  # the PNG text chunk holding the JSON
 PARAMETERS = "parameters"  # A1111's
-SAMPLERS = {"ddim": "DDIM", "euler": "Euler"}  # the scheduler setting's values as A1111 names its samplers
 # key: value, the value JSON-quoted or up to the next comma (A1111's infotext_utils.re_param)
 PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 SIZE = re.compile(r"(\d+)x(\d+)")
@@ -55,11 +55,9 @@ def a1111_parameters(settings: dict, size: tuple[int, int], scale: int, scales: 
     them, the memory budget after the hashes."""
     pairs = {}
     for row in ROWS:
-        v = settings.get(row.name)
+        v = _a1111_value(row.name, settings)
         if row.a1111 is None or row.name == "max_memory":
             continue
-        if row.name == "scheduler":
-            v = SAMPLERS.get(v, v)
         if v is not None:
             pairs[row.a1111] = _number(v)
         if row.name == "seed":
@@ -83,6 +81,28 @@ def a1111_parameters(settings: dict, size: tuple[int, int], scale: int, scales: 
     return "\n".join(lines)
 
 
+def _a1111_value(name: str, settings: dict):
+    """A setting as A1111's text shows it, None to leave it out: samplers and schedules by A1111's names (SDXL's own
+    leading spacing is what A1111 runs DDIM and Euler on, so it goes unsaid, as do explicit timesteps' schedule),
+    explicit timesteps as a list, eta only where it is not the sampler's own, strength and CFG rescale only where
+    they change something."""
+    v = settings.get(name)
+    if name == "sampler":
+        return SAMPLERS.get(v, v)
+    if name == "schedule":
+        return SCHEDULES.get(v) if v not in (None, "leading") else None
+    if name == "timesteps":
+        return ",".join(map(str, v)) if v else None
+    if name == "eta":
+        method = METHODS.get(settings.get("sampler"))
+        return None if v is None or method is None or v == method.eta else v
+    if name == "strength":
+        return None if v in (None, 1.0) else v
+    if name == "guidance_rescale":
+        return v or None
+    return v
+
+
 def parse_a1111(text: str) -> dict[str, str]:
     """A1111's `parameters` text -> {"prompt": ..., "negative": ..., key: value, ...} (values as text)."""
     lines = text.strip().split("\n")
@@ -102,10 +122,10 @@ def parse_a1111(text: str) -> dict[str, str]:
 
 
 def settings_from_a1111(params: dict[str, str]) -> dict:
-    """The settings an A1111 `parameters` text gives (its prompt, negative prompt, steps, CFG, seed, size, a
-    sampler minifusion has, and DemoFusion's own keys when minifusion wrote it); a value that does not read as
-    its setting's type is left out."""
-    samplers = {v: k for k, v in SAMPLERS.items()}
+    """The settings an A1111 `parameters` text gives (its prompt, negative prompt, steps, CFG, seed, size, sampler
+    and schedule by A1111's names, older combined ones such as "DPM++ 2M Karras" too, denoising strength, CFG
+    rescale, and DemoFusion's own keys when minifusion wrote it); a value that does not read as its setting's type,
+    or a sampler minifusion lacks, is left out."""
     out = {"prompt": params["prompt"]}
     if "negative" in params:
         out["negative"] = params["negative"]
@@ -113,16 +133,21 @@ def settings_from_a1111(params: dict[str, str]) -> dict:
         if row.a1111 not in params:
             continue
         v = params[row.a1111]
-        if row.name == "scheduler":
-            if v in samplers:
-                out[row.name] = samplers[v]
-        elif row.kind is bool:
-            out[row.name] = v == "True"
-        elif row.kind in (int, float) or row.name == "max_memory":
-            try:
+        try:
+            if row.name == "sampler":
+                out["sampler"], implied = sampler_name(v)
+                if implied is not None:
+                    out["schedule"] = implied
+            elif row.name == "schedule":
+                out["schedule"] = schedule_name(v)
+            elif row.parse is not None:
+                out[row.name] = row.parse(v)
+            elif row.kind is bool:
+                out[row.name] = v == "True"
+            elif row.kind in (int, float) or row.name == "max_memory":
                 out[row.name] = (int if row.kind is not float else float)(v)
-            except ValueError:
-                pass
+        except ValueError:  # SettingError included
+            pass
     size = SIZE.fullmatch(params.get("DemoFusion final size", params.get("Size", "")))
     if size:
         out["width"], out["height"] = int(size.group(1)), int(size.group(2))
@@ -159,7 +184,8 @@ def read_settings(png: str | Path) -> dict:
     if KEY in text:
         try:
             saved = json.loads(text[KEY])["settings"]
-            return {k: saved[k] for k in RECORDED if k in saved}
+            older = {row.older: row.name for row in ROWS if row.older in saved and row.name not in saved}
+            return {older.get(k, k): v for k, v in saved.items() if older.get(k, k) in RECORDED}
         except (ValueError, KeyError, TypeError):
             raise NoSettings(f"{png}: its minifusion settings are unreadable") from None
     if PARAMETERS in text and text[PARAMETERS].strip():

@@ -23,6 +23,8 @@ from .encode import base_scale_size, encode_tiled, load_image, open_image, sampl
 from .demofusion import Resume, demofusion, scale_sizes
 from .files import SavedScale
 from .lora import Applied, infotext, open_loras
+from .model_files import find_checkpoint
+from .noise import NoiseSchedule, detect
 from .prompt import Chunk, encode_rows, pad_rows, to_chunks
 from .settings import GENERATE, ROWS, SettingError
 from .tokenizer import Tokenizer
@@ -129,6 +131,7 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     if own_vae is not None:
         models["vae"], cfgs = swap_in(own_vae, cfgs, placement(device)["vae"], vae_dtype)
     pipe = Pipeline(models, cfgs, device, dtype, header)
+    pipe.noise_schedule = detect(*find_checkpoint(Path(path)))
     pipe.loras = patch.applied if patch is not None else []
     pipe.controlnets = [load_controlnet(f, placement(device)["unet"], dtype) for f in control_files]
     pipe.embeddings = load_embeddings(embeddings, (cfgs.text_encoder_1.width, cfgs.text_encoder_2.width),
@@ -179,6 +182,7 @@ class Pipeline:
         self.loras: list[Applied] = []  # merged LoRAs: file name, weight, A1111 short hash (lora.infotext)
         self.controlnets: list = []  # ControlNets (models.controlnet), on the UNet's device (see `load`)
         self.sources: dict = {"weights": None}  # what `load` was given, recorded in every image's metadata
+        self.noise_schedule = NoiseSchedule()  # what the model predicts, on which alphas (see `load`)
         self.host = torch.device("cpu")  # where idle networks wait when a memory budget needs them off the device
         self._where: dict[str, torch.device] = {}  # where _place moved a network; absent: where load left it
         self._model_info: dict | None = None
@@ -243,8 +247,8 @@ class Pipeline:
                       **settings) -> Iterator["Scale"]:
         """Yield each scale as soon as it is decoded (base scale first). Arguments as `generate`."""
         group = distributed.default_group() if view_parallel else None
-        req = request.resolve(request.from_api(prompt, settings), self.configs, controlnets=len(self.controlnets),
-                              resume=resume, group=group)
+        req = request.resolve(request.from_api(prompt, settings), self.configs, noise=self.noise_schedule,
+                              controlnets=len(self.controlnets), resume=resume, group=group)
         plan = self._plan(req.settings, group)
         recorded = {**request.recorded(req.settings), "view_batch": plan.view_batch, **self.sources, **(record or {})}
         try:
@@ -310,13 +314,14 @@ class Pipeline:
         s = req.settings
         control = None if s["control_image"] is None else make_control(
             self.controlnets, s["control_image"], s["control_scale"], s["control_start"], s["control_end"],
-            s["guess_mode"], height=s["height"], width=s["width"], base_px=self.base_size, steps=s["steps"])
+            s["guess_mode"], height=s["height"], width=s["width"], base_px=self.base_size, steps=req.sampling.steps)
         runner = distributed.view_runner(plan.share.group) if plan.share is not None else ViewRunner
         run = demofusion(self.unet, cond, height=s["height"], width=s["width"], base_px=self.base_size,
                          window=self.configs.unet.sample_size, steps=s["steps"], guidance_scale=s["guidance"],
                          generator=generator, stride=s["stride"], view_batch_size=plan.view_batch,
                          cosine_scale_1=s["c1"], cosine_scale_2=s["c2"], cosine_scale_3=s["c3"], sigma=s["sigma"],
-                         jitter=s["jitter"], latents=latents, noise=noise, scheduler=s["scheduler"], progress=callback,
+                         jitter=s["jitter"], latents=latents, noise=noise, sampler=req.sampling,
+                         strength=s["strength"], guidance_rescale=s["guidance_rescale"], progress=callback,
                          resume=start, on_out_of_memory=lambda n: log.warning(
                              "out of memory: continuing with %d view(s) per UNet call (view_batch_size)", n),
                          runner=runner if control is None else partial(runner, control=control))

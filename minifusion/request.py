@@ -15,25 +15,33 @@ from typing import Any, Iterable, NamedTuple
 
 from PIL import Image
 
-from . import distributed, memory
+from . import distributed, memory, work
 from .checkpoint import Configs
 from .model_files import find_checkpoint
 from .demofusion import scale_sizes
 from .encode import base_scale_size, open_image
 from .files import SavedScale
+from .noise import NoiseSchedule
+from .samplers import Sampling
+from .schedulers import check_sampling
 from .settings import (BY_API, BY_NAME, MODEL, RANDOM_SEEDS, REQUEST, SettingError, check, defaults, invalid,
                        parse_size)
+from .views import halves
 
 CONTROL = ("control_scale", "control_start", "control_end", "guess_mode", "canny")  # what steers a ControlNet
+SAMPLING = ("sampler", "schedule", "timesteps", "eta")  # what a resumed run keeps unless another sampler is asked
 PICTURES = ("image", "control_image")  # settings that name pictures
 
 
 class Request(NamedTuple):
-    settings: dict[str, Any]  # every request setting, resolved (sizes, stride, seed drawn, paths absolute)
+    settings: dict[str, Any]  # every request setting, resolved (sizes, stride, seed drawn, paths absolute, the
+    # sampler and schedule by their short names, the model's prediction type and zero-SNR as run)
     picture: Image.Image | None  # the image-to-image picture, opened
     sizes: list[tuple[int, int]]  # latent (h, w) of every scale
     first: int  # the first scale the sampler computes (after a resumed run's last; 1 otherwise)
     drawn: bool  # the seed was drawn at random
+    sampling: Sampling  # the sampler on its schedule, for the model's noise schedule
+    noise: NoiseSchedule  # the model's, with the request's overrides
 
 
 def from_api(prompt, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -60,13 +68,20 @@ def api_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
             if k in REQUEST and k != "prompt" and BY_NAME[k].api is not None}
 
 
-def resolve(values: dict[str, Any], cfgs: Configs, *, controlnets: int = 0, paired: bool = False,
-            resume: SavedScale | None = None, group=None) -> Request:
-    """The request `values` asks (settings by name; absent or None: the default) for a checkpoint of `cfgs`, or
-    SettingError. controlnets: how many ControlNets the run has; paired: each needs a control image (the command
-    line and the page name them per run; a loaded pipeline's may idle). resume: the finished scale a run continues.
-    group: the process group whose ranks make this image together (the seed is drawn on rank 0)."""
-    s = {**defaults(), **{k: v for k, v in values.items() if k in REQUEST and v is not None}}
+def resolve(values: dict[str, Any], cfgs: Configs, *, noise: NoiseSchedule = NoiseSchedule(), controlnets: int = 0,
+            paired: bool = False, resume: SavedScale | None = None, group=None) -> Request:
+    """The request `values` asks (settings by name; absent or None: the default) for a checkpoint of `cfgs` whose
+    noise schedule is `noise` (minifusion.noise: what it predicts, as its files say), or SettingError.
+    controlnets: how many ControlNets the run has; paired: each needs a control image (the command line and the
+    page name them per run; a loaded pipeline's may idle). resume: the finished scale a run continues (with its
+    sampling, unless another is asked). group: the process group whose ranks make this image together (the seed
+    is drawn on rank 0)."""
+    values = {k: v for k, v in values.items() if k in REQUEST and v is not None}
+    if resume is not None and "sampler" not in values:  # a resumed run continues with the sampling it began
+        saved = resume.settings
+        values.update({k: saved[k] for k in SAMPLING if saved.get(k) is not None and k not in values})
+        values.setdefault("sampler", saved.get(BY_NAME["sampler"].older))
+    s = {**defaults(), **{k: v for k, v in values.items() if v is not None}}
     for name in REQUEST:
         check(name, s[name])
     base, window = cfgs.unet.sample_size * 8, cfgs.unet.sample_size
@@ -91,12 +106,31 @@ def resolve(values: dict[str, Any], cfgs: Configs, *, controlnets: int = 0, pair
     if s["max_memory"] is not None:
         s["max_memory"] = budget_bytes(s["max_memory"])
     _check_control(s, controlnets, paired)
+    sampling, noise = _sampling(s, noise)
     sizes = scale_sizes(s["height"], s["width"], base)
     first = 1 if resume is None else _resume_fits(resume, s["height"], s["width"], base, sizes)
     s["seed"], drawn = seed_of(s["seed"], group)
     for name in PICTURES:
         s[name] = absolute(s[name])
-    return Request(s, picture, sizes, first, drawn)
+    return Request(s, picture, sizes, first, drawn, sampling, noise)
+
+
+def _sampling(s: dict, model: NoiseSchedule) -> tuple[Sampling, NoiseSchedule]:
+    """The sampler on its schedule (schedulers.check_sampling's rules), the settings resolved to what runs: the
+    sampler and schedule by their short names ("automatic" made the schedule it picks), the sampler's eta, the
+    model's prediction type and zero-SNR with the request's overrides."""
+    choice = check_sampling(s["sampler"] or BY_NAME["sampler"].default, s["schedule"], s["steps"], s["timesteps"],
+                            s["eta"], s["strength"], s["guidance_rescale"], s["prediction"], s["zero_snr"])
+    noise = model.overridden(s["prediction"], s["zero_snr"])
+    try:
+        sampling = choice.sampling(s["steps"], noise)
+    except ValueError as e:  # a schedule that cannot lay out this many steps
+        why = str(e)
+        raise SettingError("steps", lambda w: why) from None
+    s.update(sampler=choice.sampler, schedule=choice.schedule_for(noise), eta=sampling.eta,
+             timesteps=None if choice.timesteps is None else list(choice.timesteps), strength=choice.strength,
+             prediction=noise.prediction_type, zero_snr=noise.rescale_betas_zero_snr)
+    return sampling, noise
 
 
 def _picture(name: str, value) -> Image.Image:
@@ -253,12 +287,21 @@ def view_batch(settings: dict, cfgs: Configs, planned: int | None, world: int) -
     and several ranks, the batch that spreads the calls over them (the PNG records it, so one process given it
     makes the same image); else the row's default."""
     asked = settings["view_batch"]
+    batch = asked if planned is None else planned if asked is None else min(asked, planned)
+    batch = BY_NAME["view_batch"].default if batch is None else batch
     if world > 1 and (asked is None or planned is not None):
-        views = memory.unet_views(cfgs.unet, settings["height"], settings["width"], settings["stride"])
-        return distributed.view_batch(views, world, min(v for v in (asked, planned, 16) if v is not None))
-    if planned is not None:
-        return planned if asked is None else min(asked, planned)
-    return BY_NAME["view_batch"].default if asked is None else asked
+        return distributed.view_batch(work_of(settings, cfgs), world, batch)
+    return batch
+
+
+def work_of(settings: dict, cfgs: Configs, view_batch: int | None = None, first: int = 1) -> list:
+    """The run's work (minifusion.work: each computed scale's views, UNet calls and evaluations) from scale
+    `first` on; an image-to-image run computes from scale 2."""
+    return work.describe(settings["height"], settings["width"], base_px=cfgs.unet.sample_size * 8,
+                         window=cfgs.unet.sample_size, steps=len(settings["timesteps"] or ()) or settings["steps"],
+                         stride=settings["stride"], view_batch=view_batch or settings["view_batch"] or 16,
+                         halves=halves(settings["guidance"]), strength=settings["strength"],
+                         first_scale=max(first, 2 if settings["image"] else 1))
 
 
 def plan_memory(settings: dict, cfgs: Configs, dtype, device_type: str, resident: Iterable[str], *,

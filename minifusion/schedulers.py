@@ -1,91 +1,95 @@
-"""SDXL's noise schedules, stateless: DDIM (eta = 0) and Euler, both with "leading" timestep spacing.
+"""What a user chooses: a sampler and a schedule, by the names users know, checked once.
 
-A scheduler object only holds its timestep list; every method is a pure function of (tensors, t, t_prev),
-so DemoFusion can step hundreds of views per timestep without hidden step counters. `t_prev = -1` marks
-the last step (for leading spacing t_prev = t - 1000 // steps, which is negative exactly there).
+The names (ComfyUI's short names; Automatic1111's display names, its older combined names such as "DPM++ 2M
+Karras" and a few aliases, case-insensitive) are minifusion.settings' tables, which every front end reads;
+`check_sampling` is the one rule for a request's sampling settings, a SettingError in one line naming the setting.
+The methods live in minifusion.samplers, the schedules in minifusion.schedules.
 
-Both share one interface:
-  timesteps          [t_0 > t_1 > ...], t_i = (N - 1 - i) * (1000 // N) + 1
-  init_sigma         scale of the initial Gaussian noise
-  scale_input(x, t)  what the UNet sees (it was trained on variance-preserving x_t)
-  add_noise(x0, eps, t)
-  step(x, eps, t, t_prev)
-
-Euler's state is not the variance-preserving x_t = sqrt(abar) x0 + sqrt(1 - abar) eps but x_t / sqrt(abar)
-= x0 + sigma eps, sigma = sqrt((1 - abar) / abar). In that space DDIM (eta = 0) is the same step,
-x + (sigma_prev - sigma) eps; the two differ only in where the last step lands (sigma 0 vs abar_0) and in
-the state's scale, one positive scalar per t shared by every latent. DemoFusion's operations are convex
-combinations of states at the same t (skip residual, window averaging, fusion) or scale with their input
-(zero padding, the blur rescaled to the unblurred tensor's mean and std), so they commute with that
-scalar: run in Euler's own space, with Eq. 2's re-noising written x0 + sigma_t eps (what the reference
-gets from EulerDiscreteScheduler.add_noise), they are the DDIM-space operations, only rescaled.
+"Automatic" (schedule None) is Automatic1111's: DPM++ 2M on Karras, the SDE samplers on exponential, LCM and TCD
+on trailing (distilled to start from t = 999, where SDXL's leading spacing would start lower), every other
+sampler on the model's own spacing (SDXL's leading, or what a diffusers folder's scheduler config says). The
+default run is the paper's: DDIM on leading, 50 steps.
 """
 from __future__ import annotations
 
-import torch
+import math
+from typing import NamedTuple, Sequence
 
-TRAIN_STEPS = 1000
+from .noise import NoiseSchedule
+from .samplers import METHODS, Sampling, build, run_steps
+from .settings import PREDICTION_TYPES, SCHEDULES, TRAIN_STEPS, SettingError, invalid, sampler_name, schedule_name
 
-
-def alphas_cumprod() -> torch.Tensor:
-    # SDXL's "scaled_linear" betas, in float32 as the reference computes them, so steps agree to rounding
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, TRAIN_STEPS, dtype=torch.float32) ** 2
-    return torch.cumprod(1.0 - betas, dim=0)
-
-
-def leading_timesteps(steps: int) -> list[int]:
-    # "leading" spacing with steps_offset 1 (SDXL's scheduler config)
-    ratio = TRAIN_STEPS // steps
-    return [(steps - 1 - i) * ratio + 1 for i in range(steps)]
+DEFAULT_SCHEDULES = {"dpmpp_2m": "karras", "dpmpp_2m_sde": "exponential", "dpmpp_3m_sde": "exponential",
+                     "lcm": "trailing", "tcd": "trailing"}  # else the model's own
 
 
-class DDIM:
-    """DDIM with eta = 0 (deterministic); the last step lands on abar_0, not 1 (set_alpha_to_one=False)."""
-
-    init_sigma = 1.0
-
-    def __init__(self, steps: int):
-        self.timesteps = leading_timesteps(steps)
-        self.abar = alphas_cumprod().tolist()
-
-    def alpha(self, t: int) -> float:
-        return self.abar[t] if t >= 0 else self.abar[0]
-
-    def scale_input(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        return x
-
-    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
-        a = self.alpha(t)
-        return a ** 0.5 * x0 + (1 - a) ** 0.5 * eps
-
-    def step(self, x: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int) -> torch.Tensor:
-        a, a_prev = self.alpha(t), self.alpha(t_prev)
-        x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5
-        return a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+def default_schedule(sampler: str, noise: NoiseSchedule = NoiseSchedule()) -> str:
+    """The schedule "Automatic" picks for a sampler on a model."""
+    return DEFAULT_SCHEDULES.get(sampler, noise.timestep_spacing)
 
 
-class Euler:
-    """Euler (EulerDiscreteScheduler, s_churn 0, linear interpolation, final sigma 0) on x_sigma = x0 + sigma eps."""
+class Choice(NamedTuple):
+    """A request's checked sampling settings: sampler and schedule short names (schedule None: automatic, or the
+    explicit timesteps), eta None for the sampler's default."""
+    sampler: str = "ddim"
+    schedule: str | None = None
+    timesteps: tuple[int, ...] | None = None
+    eta: float | None = None
+    strength: float = 1.0
 
-    def __init__(self, steps: int):
-        self.timesteps = leading_timesteps(steps)
-        self.abar = alphas_cumprod().tolist()
-        # leading spacing starts at sigma_max on a variance-preserving scale: noise * sqrt(sigma_max^2 + 1)
-        self.init_sigma = (self.sigma(self.timesteps[0]) ** 2 + 1) ** 0.5
+    def schedule_for(self, noise: NoiseSchedule = NoiseSchedule()) -> str | None:
+        """The schedule it runs on a model: the one asked, else Automatic's; None with explicit timesteps."""
+        return None if self.timesteps is not None else self.schedule or default_schedule(self.sampler, noise)
 
-    def sigma(self, t: int) -> float:
-        # timesteps are integers, so the linear interpolation of the sigma table is the table entry itself
-        return ((1 - self.abar[t]) / self.abar[t]) ** 0.5 if t >= 0 else 0.0
-
-    def scale_input(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        return x / (self.sigma(t) ** 2 + 1) ** 0.5
-
-    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
-        return x0 + self.sigma(t) * eps
-
-    def step(self, x: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int) -> torch.Tensor:
-        # dx/dsigma = eps for epsilon prediction
-        return x + (self.sigma(t_prev) - self.sigma(t)) * eps
+    def sampling(self, num_inference_steps: int, noise: NoiseSchedule = NoiseSchedule()) -> Sampling:
+        return build(self.sampler, self.schedule_for(noise), num_inference_steps, noise, self.timesteps, self.eta)
 
 
-SCHEDULERS = {"ddim": DDIM, "euler": Euler}
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_sampling(sampler: str = "ddim", schedule: str | None = None, num_inference_steps: int = 50,
+                   timesteps: Sequence[int] | None = None, eta: float | None = None, strength: float = 1.0,
+                   guidance_rescale: float = 0.0, prediction_type: str | None = None,
+                   rescale_betas_zero_snr: bool | None = None) -> Choice:
+    """Refuse bad sampling settings in one line naming the setting (a SettingError: generate()'s names in its
+    text, each front end's in its own words); the names resolved."""
+    name, implied = sampler_name(sampler)
+    schedule = schedule_name(schedule)
+    if implied is not None and schedule not in (None, implied):
+        raise SettingError(("sampler", "schedule"), lambda w: f"{w('sampler')} {sampler!r} names its schedule, "
+                           f"{SCHEDULES[implied]}; {w('schedule')} {schedule!r} contradicts it")
+    schedule = schedule or implied
+    if timesteps is not None:
+        ok = isinstance(timesteps, (list, tuple)) and len(timesteps) > 0 and all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < TRAIN_STEPS for t in timesteps) and all(
+            a > b for a, b in zip(timesteps, timesteps[1:]))
+        if not ok:
+            raise invalid("timesteps", timesteps, f"it must be a list of integers from 0 to {TRAIN_STEPS - 1}, "
+                          "strictly decreasing")
+        if schedule is not None:
+            raise SettingError(("schedule", "timesteps"), lambda w: f"{w('schedule')} {schedule!r} is invalid with "
+                               f"{w('timesteps')}: explicit timesteps are the schedule")
+    if eta is not None:
+        if METHODS[name].eta is None:
+            with_eta = ", ".join(k for k, m in METHODS.items() if m.eta is not None)
+            raise SettingError(("eta", "sampler"), lambda w: f"{w('eta')} {eta!r} is invalid for {w('sampler')} "
+                               f"{name!r}, which has none (samplers with an eta: {with_eta})")
+        if not (_number(eta) and 0 <= eta <= 1):
+            raise invalid("eta", eta, "it must be a number from 0 to 1")
+    if not (_number(strength) and 0 < strength <= 1):
+        raise invalid("strength", strength, "it must be a number above 0 and at most 1")
+    steps = len(timesteps) if timesteps is not None else num_inference_steps
+    if isinstance(steps, int) and run_steps(steps, strength) < 1:
+        raise SettingError("strength", lambda w: f"{w('strength')} {strength!r} leaves none of the {steps} steps to "
+                           f"run; it must be at least 1/{steps}")
+    if not (_number(guidance_rescale) and 0 <= guidance_rescale <= 1):
+        raise invalid("guidance_rescale", guidance_rescale, "it must be a number from 0 to 1")
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise invalid("prediction", prediction_type, f"it must be one of {', '.join(PREDICTION_TYPES)} or None (as the "
+                      "checkpoint says)")
+    if rescale_betas_zero_snr is not None and not isinstance(rescale_betas_zero_snr, bool):
+        raise invalid("zero_snr", rescale_betas_zero_snr, "it must be True, False or None (as the checkpoint says)")
+    return Choice(name, schedule, None if timesteps is None else tuple(timesteps),
+                  None if eta is None else float(eta), float(strength))

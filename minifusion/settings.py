@@ -45,6 +45,8 @@ class Setting:
     metavar: str | None = None
     rule: str | None = None  # what a value must be, where the range alone says it badly
     resolved: bool = False  # worked out per request (minifusion.request), `default` where nothing else decides
+    older: str | None = None  # its name before (generate()'s keyword, --flag and PNG key), still read
+    parse: Callable[[str], Any] | None = None  # the value from what a user types (the command line, the page)
 
     @property
     def option(self) -> str:
@@ -53,6 +55,70 @@ class Setting:
     def described(self, word: Callable[["Setting"], str]) -> str:
         """The help, naming the settings it mentions with word(setting) (a flag, a keyword, a field's label)."""
         return re.sub(r"\{(\w+)\}", lambda m: word(BY_NAME[m.group(1)]), self.help)
+
+
+# the samplers by ComfyUI's short names -> Automatic1111's ("Sampler: ..." in its PNG text)
+SAMPLERS = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M",
+            "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_3m_sde": "DPM++ 3M SDE", "unipc": "UniPC", "lcm": "LCM",
+            "tcd": "TCD"}
+# the schedules -> Automatic1111's "Schedule type" (its "DDIM" type is SDXL's leading spacing)
+SCHEDULES = {"leading": "DDIM", "trailing": "SGM Uniform", "karras": "Karras", "exponential": "Exponential",
+             "ays": "Align Your Steps"}
+AUTOMATIC = "Automatic"  # schedule None: Automatic1111's choice for the sampler (minifusion.schedulers)
+SAMPLER_ALIASES = {"euler_ancestral": "euler_a", "k_euler_a": "euler_a", "k_euler": "euler", "uni_pc": "unipc",
+                   "k_dpmpp_2m": "dpmpp_2m", "k_dpmpp_2m_sde": "dpmpp_2m_sde", "k_dpmpp_3m_sde": "dpmpp_3m_sde"}
+SCHEDULE_ALIASES = {"ddim_uniform": "leading", "sgm_uniform": "trailing", "align_your_steps": "ays"}
+COMBINED = ("karras", "exponential")  # Automatic1111 before 1.9 named "DPM++ 2M Karras" as one sampler
+PREDICTIONS = {"epsilon": "epsilon", "eps": "epsilon", "v_prediction": "v_prediction", "v": "v_prediction"}
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # diffusers' names, what generate() takes
+TRAIN_STEPS = 1000  # SDXL's timesteps are 0 .. 999
+
+
+def _key(name: str) -> str:
+    return " ".join(name.split()).lower()
+
+
+def _names(table: dict[str, str], aliases: dict[str, str]) -> dict[str, str]:
+    return {**{_key(k): k for k in table}, **{_key(v): k for k, v in table.items()}, **aliases}
+
+
+def sampler_name(name) -> tuple[str, str | None]:
+    """A user's sampler name, case-insensitive (a short name, Automatic1111's, its older combined "DPM++ 2M
+    Karras") -> (short name, the schedule a combined name implies, else None); SettingError listing the names."""
+    known = _names(SAMPLERS, SAMPLER_ALIASES)
+    for s in COMBINED:
+        known.update({f"{_key(v)} {_key(SCHEDULES[s])}": (k, s) for k, v in SAMPLERS.items()})
+    found = known.get(_key(name)) if isinstance(name, str) else None
+    if found is None:
+        raise invalid("sampler", name, f"it must be one of {', '.join(SAMPLERS)} (or Automatic1111's "
+                      f"{', '.join(SAMPLERS.values())})")
+    return found if isinstance(found, tuple) else (found, None)
+
+
+def schedule_name(name) -> str | None:
+    """A user's schedule name -> its short name; None for automatic (None, "automatic"). SettingError otherwise."""
+    if name is None or (isinstance(name, str) and _key(name) == _key(AUTOMATIC)):
+        return None
+    found = _names(SCHEDULES, SCHEDULE_ALIASES).get(_key(name)) if isinstance(name, str) else None
+    if found is None:
+        raise invalid("schedule", name, f"it must be one of {', '.join(SCHEDULES)} or None for automatic (or "
+                      f"Automatic1111's {', '.join(SCHEDULES.values())}, {AUTOMATIC})")
+    return found
+
+
+def parse_timesteps(text: str) -> list[int]:
+    """"999,749,499,249" -> [999, 749, 499, 249] (ValueError otherwise; the rule is checked with the others)."""
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a list of whole numbers such as 999,749,499,249") from None
+
+
+def parse_prediction(text: str) -> str:
+    """"v" / "eps" (or diffusers' "v_prediction" / "epsilon") -> diffusers' name."""
+    if text.lower() not in PREDICTIONS:
+        raise ValueError(f"{text!r} is not a prediction type; use eps or v")
+    return PREDICTIONS[text.lower()]
 
 
 def _range(low, high) -> dict:
@@ -71,13 +137,34 @@ ROWS = (
             "{image}'s aspect)", kind=int, label="Width", rule="a positive multiple of 8"),
     Setting("steps", "num_inference_steps", "denoising steps per scale", 50, int, **_range(1, 1000), a1111="Steps",
             label="Steps per scale"),
-    Setting("scheduler", "scheduler", "the sampler", "ddim", choices=("ddim", "euler"), a1111="Sampler",
-            label="Scheduler"),
+    Setting("sampler", "sampler", "the sampler: " + ", ".join(SAMPLERS) + " (or Automatic1111's names, e.g. \"DPM++ "
+            "2M\", \"Euler a\", \"DPM++ 2M Karras\"; case does not matter); a resumed run keeps its own", "ddim",
+            a1111="Sampler", label="Sampler", resolved=True, older="scheduler"),
+    Setting("schedule", "schedule", "the timestep schedule: " + ", ".join(SCHEDULES) + " (or Automatic1111's names, "
+            "e.g. \"SGM Uniform\" = trailing, what Lightning/Hyper/Turbo need); default: Automatic1111's automatic "
+            "choice (DPM++ 2M: karras, the SDE samplers: exponential, LCM/TCD: trailing, else the model's own)",
+            a1111="Schedule type", label="Schedule"),
+    Setting("timesteps", "timesteps", "explicit timesteps instead of a schedule, strictly decreasing, 0 to 999 (e.g. "
+            "DMD2's 999,749,499,249)", a1111="Timesteps", label="Timesteps (e.g. 999,749,499,249; blank: the "
+            "schedule's)", parse=parse_timesteps, kind=object, metavar="T1,T2,..."),
+    Setting("eta", "eta", "the stochastic samplers' eta (Euler a, the SDE samplers, TCD; DDIM's is 0): how much fresh "
+            "noise a step adds (default: the sampler's own)", kind=float, low=0, high=1, a1111="Eta", label="Eta"),
     Setting("guidance", "guidance_scale", "classifier-free guidance scale", 7.5, float, 0, math.inf,
             a1111="CFG scale", label="Guidance"),
     Setting("seed", "seed", f"random seed, 0 to {SEED_MAX}; the same seed makes the same image (default, and -1: "
             "a random seed, printed and recorded)", kind=int, **_range(-1, SEED_MAX), a1111="Seed",
             label="Seed (-1: random)", rule=f"a whole number from 0 to {SEED_MAX}, or -1 for a random one"),
+    Setting("guidance_rescale", "guidance_rescale", "rescale the guided prediction towards the text-conditioned one's "
+            "spread (diffusers' guidance_rescale, Automatic1111's CFG Rescale; 0.7 for v-prediction/zero-SNR models)",
+            0.0, float, 0, 1, a1111="CFG Rescale φ", label="CFG rescale"),
+    Setting("strength", "strength", "denoising strength of every scale after the first and of an {image}: the last "
+            "steps x strength of the schedule run (Automatic1111's denoising strength; 0.5 halves the expensive "
+            "scales' work)", 1.0, float, 0, 1, above_low=True, a1111="Denoising strength", label="Denoising strength"),
+    Setting("prediction", "prediction_type", "what the model predicts: eps or v (default: what the checkpoint says: a "
+            "single file's v_pred key, a diffusers folder's scheduler config)", choices=PREDICTION_TYPES,
+            parse=parse_prediction, label="Prediction type (blank: the checkpoint's)", metavar="eps|v"),
+    Setting("zero_snr", "rescale_betas_zero_snr", "the model was trained with zero terminal SNR (default: what the "
+            "checkpoint says: a ztsnr key, a scheduler config)", kind=bool, label="zero terminal SNR"),
     Setting("stride", "stride", "local window stride in latents (default: half the window, 64 for SDXL)", kind=int,
             low=1, a1111="DemoFusion stride", label="Stride (latents)"),
     Setting("view_batch", "view_batch_size", "views per UNet call (default 16, or the most {max_memory} allows, or "

@@ -2,8 +2,9 @@
 
 A view is what the UNet denoises in one go: phase 1's whole latents, a local window (MultiDiffusion) or one of
 the s x s dilated views (shifted dilated sampling). The sampler hands over every view of a step with its
-geometry; `ViewRunner` batches the views into UNet calls (each view twice, for classifier-free guidance) and
-hands back the guided noise predictions. Capabilities that depend on where a view sits plug in here and
+geometry; `ViewRunner` batches the views into UNet calls (each view twice for classifier-free guidance, once when
+the guidance scale is at most 1, where guidance would change nothing) and hands back each view's guided model
+output. Capabilities that depend on where a view sits plug in here and
 nowhere else: a ControlNet (`control`) cuts each view's control crop from its geometry, and
 minifusion.distributed runs a share of the calls on each process.
 """
@@ -71,41 +72,64 @@ def is_out_of_memory(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e)))
 
 
-Group = tuple[torch.Tensor, list[View]]  # views (n, C, h, w), already scaled for the scheduler, and their geometry
+Group = tuple[torch.Tensor, list[View]]  # views (n, C, h, w), the UNet's input, and their geometry
+
+
+def halves(guidance_scale: float) -> int:
+    """UNet rows per view: 2 (unconditioned and text-conditioned) for classifier-free guidance, 1 where the guidance
+    scale is at most 1 (diffusers' do_classifier_free_guidance: the text-conditioned row alone)."""
+    return 2 if guidance_scale > 1 else 1
+
+
+def batches(n: int, batch: int) -> list[tuple[int, int]]:
+    """The UNet calls of n views of one group, at most `batch` views a call, in order: (first view, end)."""
+    return [(k, min(k + batch, n)) for k in range(0, n, batch)]
+
+
+def rescale_guidance(guided: torch.Tensor, text: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
+    """diffusers' rescale_noise_cfg (Lin et al. 2024, §3.4; Automatic1111's "CFG Rescale"): each view's guided
+    output moved towards the text-conditioned output's standard deviation by guidance_rescale."""
+    dims = list(range(1, guided.dim()))
+    rescaled = guided * (text.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
 
 
 class ViewRunner:
     """Batches views into UNet calls of at most `batch` views, each group of views on its own (the views of a
-    group share a size). unet(latents, timesteps, context, pooled, time_ids[, residuals=]) -> noise prediction.
-    control(x, t, context, pooled, time_ids, views, step=, scale=) -> ControlNet residuals for one call, or None.
+    group share a size). unet(latents, timesteps, context, pooled, time_ids[, residuals=]) -> model output.
+    control(x, t, context, pooled, time_ids, views, step=, steps=, scale=, halves=) -> ControlNet residuals for
+    one call, or None. guidance_rescale: see rescale_guidance.
 
     When a call runs out of memory the batch is halved for the rest of the run and the call retried (the same
     views, so the same result); on_out_of_memory(new batch) is told. Only a single view that does not fit is an
     error. `evals` and `calls` count UNet batch items and forward calls."""
 
     def __init__(self, unet: Callable, cond: Cond, *, size: tuple[int, int], guidance_scale: float, batch: int,
-                 control: Callable | None = None, on_out_of_memory: Callable[[int], None] | None = None):
+                 guidance_rescale: float = 0.0, control: Callable | None = None,
+                 on_out_of_memory: Callable[[int], None] | None = None):
         self.unet, self.cond, self.size, self.guidance_scale = unet, cond, size, guidance_scale
+        self.guidance_rescale, self.halves = guidance_rescale, halves(guidance_scale)
         self.batch, self.control, self.on_out_of_memory = batch, control, on_out_of_memory
         self.device, self.dtype = cond.context.device, cond.context.dtype
         self.evals = self.calls = 0
 
-    def __call__(self, groups: list[Group], t: int, step: int, scale: int) -> list[torch.Tensor]:
-        """Guided noise predictions for every group, in order. step: index in the scale; scale: 1..S."""
+    def __call__(self, groups: list[Group], t: float, step: int, scale: int, steps: int | None = None
+                 ) -> list[torch.Tensor]:
+        """Guided model outputs for every group, in order. step: index in the scale's `steps`; scale: 1..S."""
         out = []
         for x, views in groups:
-            eps, k = [], 0
+            outputs, k = [], 0
             while k < len(x):
                 n = min(self.batch, len(x) - k)
                 try:
-                    eps.append(self.call(x[k:k + n], views[k:k + n], t, step, scale))
+                    outputs.append(self.call(x[k:k + n], views[k:k + n], t, step, scale, steps))
                 except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
                     if not is_out_of_memory(err) or n == 1:
                         raise
                     self.halve(n)
                     continue
-                self.evals, self.calls, k = self.evals + 2 * n, self.calls + 1, k + n
-            out.append(torch.cat(eps))
+                self.evals, self.calls, k = self.evals + self.halves * n, self.calls + 1, k + n
+            out.append(torch.cat(outputs))
         return out
 
     def halve(self, n: int) -> None:
@@ -115,13 +139,19 @@ class ViewRunner:
         if self.on_out_of_memory is not None:
             self.on_out_of_memory(self.batch)
 
-    def call(self, x: torch.Tensor, views: list[View], t: int, step: int, scale: int) -> torch.Tensor:
-        """One UNet call on n views: each twice (uncond, cond interleaved), then guidance."""
-        n = len(x)
-        args = (x.repeat_interleave(2, dim=0).to(self.dtype), torch.full((2 * n,), float(t), device=self.device),
-                self.cond.context.repeat(n, 1, 1), self.cond.pooled.repeat(n, 1),
-                time_ids(self.size, views).repeat_interleave(2, dim=0).to(self.device))
-        residuals = self.control(*args, views, step=step, scale=scale) if self.control is not None else None
+    def call(self, x: torch.Tensor, views: list[View], t: float, step: int, scale: int,
+             steps: int | None = None) -> torch.Tensor:
+        """One UNet call on n views: each twice (uncond, cond interleaved) then guidance, or once (text only)."""
+        n, k = len(x), self.halves
+        rows = slice(None) if k == 2 else slice(1, 2)  # Cond's row 0 is the negative prompt, row 1 the prompt
+        args = (x.repeat_interleave(k, dim=0).to(self.dtype), torch.full((k * n,), float(t), device=self.device),
+                self.cond.context[rows].repeat(n, 1, 1), self.cond.pooled[rows].repeat(n, 1),
+                time_ids(self.size, views).repeat_interleave(k, dim=0).to(self.device))
+        residuals = None if self.control is None else self.control(*args, views, step=step, steps=steps, scale=scale,
+                                                                   halves=k)
         e = (self.unet(*args) if residuals is None else self.unet(*args, residuals=residuals)).float()
+        if k == 1:
+            return e
         uncond, text = e[0::2], e[1::2]
-        return uncond + self.guidance_scale * (text - uncond)
+        guided = uncond + self.guidance_scale * (text - uncond)
+        return guided if not self.guidance_rescale else rescale_guidance(guided, text, self.guidance_rescale)

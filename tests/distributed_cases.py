@@ -19,6 +19,9 @@ CASES = dict(
     text=dict(prompt="a red fox", height=768, width=384, num_inference_steps=2, seed=3, view_batch_size=3),
     euler=dict(prompt="a cat", negative_prompt="blurry", height=512, width=512, num_inference_steps=2, seed=1,
                scheduler="euler", stride=12, view_batch_size=4),
+    # one UNet row a view (CFG off) and one noise tensor a step for the whole canvas, drawn alike on every rank
+    cfg_off=dict(prompt="a fox", height=512, width=256, num_inference_steps=3, seed=4, guidance_scale=1.0,
+                 sampler="dpmpp_2m_sde", view_batch_size=2),
 )
 # batches of 3 and 4 views at scale 2 (3 windows, 4 dilated views): rank 0 runs out of memory above 1 view a call
 OOM = dict(prompt="a cat", height=512, width=256, num_inference_steps=2, seed=1, view_batch_size=4)

@@ -34,7 +34,8 @@ def test_bench_tiny_one_step(tmp_path):
     cmd = [sys.executable, "-m", "bench", "--model", "tiny", "--steps", "1", "--height", "512", "--width", "256",
            "--device", "cpu", "--dtype", "float32",
            "--repeat", "1", "--overhead-real", "no", "--out", str(tmp_path), "--predict-sizes", "512",
-           "--max-memory", "1,0.0001"]  # the generation runs within the first; the memory model plans both
+           "--max-memory", "1,0.0001",  # the generation runs within the first; the memory model plans both
+           "--solvers", "--solver-steps", "1,2", "--solver-reference", "3", "--solver-sizes", "64x256"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (json_path,) = tmp_path.glob("*.json")
@@ -83,6 +84,15 @@ def test_bench_tiny_one_step(tmp_path):
 
     with Image.open(png_path) as im:
         assert im.format == "PNG" and im.size[0] > 0
+
+    # samplers: 4096^2 evaluations from the work description, and the accuracy table's fields
+    assert [e["total"] for e in r["evaluations_4096"]] == [11300, 4520, 904, 5700]
+    (table,) = r["solvers"]
+    # steps 1 and 2 for every sampler, and DDIM's 50, the target
+    assert table["reference_steps"] == 3 and len(table["rows"]) == 2 * 9 + 1 and table["ddim_50_error"] > 0
+    for row in table["rows"]:  # phase 1 alone: one view, two CFG rows a step
+        assert row["evaluations"] == 2 * row["steps"] and math.isfinite(row["error"]) and row["error"] > 0
+    assert "random weights: solvers on a smooth denoiser, not image quality" in proc.stdout
 
 
 def test_bench_has_one_name_for_the_memory_budget():

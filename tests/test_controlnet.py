@@ -346,6 +346,23 @@ def test_guess_mode_runs_on_the_text_rows_only():
     assert all(r[0::2].abs().max() == 0 and r[1::2].abs().min() > 0 for r in [*down, mid])
 
 
+def test_without_guidance_every_row_is_a_text_row():
+    """CFG off (views.halves 1): the call holds one text-conditioned row per view; guess mode runs on all of them,
+    with its scales (diffusers' pipelines without do_classifier_free_guidance); strength counts the scale's own
+    steps when it runs fewer (strength < 1)."""
+    net = Recorder([3, 5])
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    control = cn.Control([cn.Unit(net, image, end=0.5)], [(4, 4), (8, 8)], steps=10, guess_mode=True)
+    x, ctx, pooled, ids = torch.rand(2, 4, 4, 4), torch.rand(2, 7, 6), torch.rand(2, 5), torch.rand(2, 6)
+    views = [Dilated(0, 1, 2, 0, 0), Dilated(1, 1, 2, 0, 0)]
+    down, mid = control(x, torch.full((2,), 10.0), ctx, pooled, ids, views, step=0, scale=2, halves=1)
+    call = net.calls[-1]
+    assert call["x"] is x and call["guess_mode"] is True and call["condition"].shape[0] == 2
+    assert all(r.abs().min() > 0 for r in [*down, mid])  # no zero rows
+    # step 2 of a scale of 4 steps is past end = 0.5; of the run's 10 it would not be
+    assert control(x, torch.full((2,), 10.0), ctx, pooled, ids, views, step=2, steps=4, scale=2, halves=1) is None
+
+
 def test_several_controlnets_add_up():
     image_a, image_b = torch.rand(2, 1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     a, b = Recorder([3, 5]), Recorder([3, 5])
@@ -419,8 +436,8 @@ class OfficialRunner:
     views.ViewRunner batches them, but each call's condition crop, time ids, scale and residual sum are computed
     the official way, from a condition chained at the official pixel sizes."""
 
-    def __init__(self, unet, cond, *, size, guidance_scale, batch, on_out_of_memory=None, nets, images, scales,
-                 starts, ends, steps, base):
+    def __init__(self, unet, cond, *, size, guidance_scale, batch, guidance_rescale=0.0, on_out_of_memory=None, nets,
+                 images, scales, starts, ends, steps, base):
         self.unet, self.cond, self.size, self.gs, self.batch = unet, cond, size, guidance_scale, batch
         self.nets, self.scales, self.starts, self.ends, self.steps = nets, scales, starts, ends, steps
         height, width = size
@@ -445,7 +462,7 @@ class OfficialRunner:
                                   for c in prev]
         return self.conditions[s]
 
-    def __call__(self, groups, t, step, scale):
+    def __call__(self, groups, t, step, scale, scale_steps=None):  # every scale runs `steps` (strength 1)
         out = []
         for x, views in groups:
             eps = []
@@ -524,7 +541,7 @@ def test_whole_run_against_the_official_feeding(small_models, height, width, ste
     images = [Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)) for _ in nets]
     scales, starts, ends = [0.8, 1.3], [0.0, 0.3], [1.0, 0.7]
     kw = dict(height=height, width=width, base_px=128, window=16, stride=8, steps=steps, guidance_scale=6.0,
-              view_batch_size=4, scheduler="ddim")
+              view_batch_size=4, sampler="ddim")
     recording = [Recording(net) for net in nets]
     control = cn.make_control(recording, images, scales, starts, ends, height=height, width=width, base_px=128,
                               steps=steps)

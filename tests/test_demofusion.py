@@ -12,7 +12,7 @@ from minifusion.demofusion import (blur_rescaled, cosine_factor, demofusion, dil
                                    global_views, local_views, local_windows, merge_dilated, merge_windows,
                                    pad_to_multiple, renormalise, scale_sizes, skip_residual, undilate, window_margin)
 from minifusion.views import Cond
-from minifusion.schedulers import alphas_cumprod
+from minifusion.noise import alphas_cumprod
 
 SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                       timestep_spacing="leading", steps_offset=1, prediction_type="epsilon")
@@ -210,18 +210,18 @@ def test_blur_rescaled_keeps_global_stats():
     assert out[4, 6] == out[0, 0] and out[2, 2] == out[0, 0]
 
 
-def test_global_views_blurred_for_the_unet_unblurred_to_step():
+def test_global_views_are_blurred_for_the_unet():
     z = torch.randn(1, 4, 7, 5)
     s, sd = 3, 0.5
     zp = F.pad(z, (1, 0, 2, 0))  # 7 -> 9 rows, 5 -> 6 columns
     blurred = blur_rescaled(zp, s, sd)
-    views, model_views, pad = global_views(z, s, sd)
+    model_views, pad = global_views(z, s, sd)
     assert pad == (2, 1)
     for i in range(s):
         for j in range(s):
-            assert torch.equal(views[i * s + j], zp[0, :, i::s, j::s])
             assert torch.equal(model_views[i * s + j], blurred[0, :, i::s, j::s])
-    torch.testing.assert_close(merge_dilated(views * 2 + 1, s, pad), z * 2 + 1)
+    # the views' outputs go back to their strided positions of the unpadded canvas
+    torch.testing.assert_close(merge_dilated(dilate(zp, s) * 2 + 1, s, pad), z * 2 + 1)
 
 
 # ---- the loop ----
@@ -248,7 +248,7 @@ def test_single_scale_is_plain_sdxl(kind, size):
     unet, cond = FakeUNet(), make_cond()
     latents = torch.randn(1, 4, size[0] // 8, size[1] // 8, generator=torch.Generator().manual_seed(2))
     out = list(demofusion(unet, cond, height=size[0], width=size[1], base_px=64, window=8, stride=4, steps=7,
-                          guidance_scale=5.0, latents=latents, scheduler=kind))
+                          guidance_scale=5.0, latents=latents, sampler=kind))
     assert [r.scale for r in out] == [1]
     expected = reference_sdxl(FakeUNet(), cond, latents, 7, 5.0, size, kind)
     torch.testing.assert_close(out[0].latents, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
@@ -258,7 +258,7 @@ def test_single_scale_is_plain_sdxl(kind, size):
 def run3(unet, scheduler="ddim", **kw):
     # 192x128 px on a 64 px base: S = 3, latents 8x5, 16x10, 24x16; window 8, stride 4 (margin 1)
     args = dict(height=192, width=128, base_px=64, window=8, stride=4, steps=5, guidance_scale=4.0,
-                view_batch_size=4, scheduler=scheduler)
+                view_batch_size=4, sampler=scheduler)
     return list(demofusion(unet, make_cond(), **(args | kw)))
 
 

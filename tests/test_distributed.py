@@ -197,11 +197,10 @@ def test_a_rank_that_dies_does_not_leave_the_others_waiting(tiny_file, tmp_path)
 
 
 def test_with_no_view_batch_asked_the_ranks_get_calls_to_share():
-    from minifusion.config import SDXL_UNET
     from minifusion.distributed import view_batch
-    from minifusion.memory import unet_views
+    from minifusion.work import describe
     # all views 128^2 latents; worked by hand, the busiest rank's views summed over the scales (phase 1: 1 view)
-    at_2048, at_4096 = unet_views(SDXL_UNET, 2048, 2048), unet_views(SDXL_UNET, 4096, 4096)
+    at_2048, at_4096 = (describe(size, size, base_px=1024, window=128, steps=1) for size in (2048, 4096))
     assert view_batch(at_2048, 1) == 16 and view_batch(at_4096, 1) == 16  # one rank: every batch does all the work
     # 2048^2 (9 windows + 4 dilated views): 2 ranks 16: 10, 8: 9, 4: 9, 2: 8, 1: 8 -> the largest within 5 % of 8
     assert view_batch(at_2048, 2) == 2
@@ -211,3 +210,5 @@ def test_with_no_view_batch_asked_the_ranks_get_calls_to_share():
     assert view_batch(at_4096, 2) == 8
     assert view_batch(at_4096, 8) == 2  # 16: 42, 8: 26, 4: 19, 2: 17, 1: 17
     assert view_batch(at_4096, 2, most=4) == 4  # 4: 59 within 5 % of 58
+    # the scales weigh by their steps: strength 0.5 halves scales >= 2 alike, so nothing changes
+    assert view_batch(describe(4096, 4096, base_px=1024, window=128, steps=50, strength=0.5), 8) == 2

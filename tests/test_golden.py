@@ -17,7 +17,20 @@ from golden_cases import RESUME, cases, run_all
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 # (case, what changed in the metadata, edit(expected record) -> the record now expected)
-CHANGES: list = []
+SAMPLING = {"schedule": "leading", "timesteps": None, "guidance_rescale": 0.0, "strength": 1.0,
+            "prediction": "epsilon", "zero_snr": False}
+
+
+def _sampling(rec: dict) -> None:
+    settings = rec["minifusion"]["settings"]
+    sampler = settings.pop("scheduler")
+    settings.update(SAMPLING, sampler=sampler, eta=0.0 if sampler == "ddim" else None)
+
+
+CHANGES: list = [(case, "issue 20: the sampling settings (sampler, the older scheduler's new name, schedule, "
+                        "timesteps, eta, guidance_rescale, strength, prediction, zero_snr) in the JSON; the A1111 "
+                        "text unchanged", _sampling)
+                 for case in ("text", "euler", "plain", "image", "budget", "adapters", "resume")]
 
 
 def test_golden_runs_write_what_they_wrote_before(tmp_path, one_thread):

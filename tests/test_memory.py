@@ -20,6 +20,7 @@ from minifusion.config import SDXL_CLIP_G, SDXL_CLIP_L, SDXL_UNET, SDXL_VAE, VAE
 from minifusion.decode import decode_flops, decode_tiled
 from minifusion.demofusion import demofusion
 from minifusion.memory import MemoryTracker
+from minifusion.work import describe
 from minifusion.models.unet import UNet
 from minifusion.models.vae import VAE
 from minifusion.tiny import TINY, random_models, randomize
@@ -323,8 +324,9 @@ def test_estimate_flops_are_what_meta_runs_count():
         return counter.get_total_flops()
 
     expected = 0
-    for row, views in zip(est["scales"], memory.unet_views(TINY.unet, height, width, stride)):
-        scale = sum(2 * n * steps * counted(vh, vw) for vh, vw, n in views)
+    work = describe(height, width, base_px=256, window=32, steps=steps, stride=stride)
+    for row, done in zip(est["scales"], work):
+        scale = sum(2 * g.count * steps * counted(*g.size) for g in done.groups)
         scale += decode_flops(TINY.vae, (1, TINY.vae.latent_channels, *row["latent_size"]))
         assert row["flops"] == scale
         expected += scale
@@ -423,8 +425,8 @@ def test_a_measured_configuration_decides_any_size_at_once():
         chosen = memory.plan(24 << 30, TINY, 12288, 16384, F16, may_offload=True)
     assert calls.count == 0
     assert len(est["scales"]) == 64 and est["scales"][-1]["latent_size"] == (1536, 2048)
-    windows = memory.unet_views(TINY.unet, 12288, 16384)[-1][0]
-    assert windows == (32, 32, 95 * 127)
+    windows = describe(12288, 16384, base_px=256, window=32, steps=50)[-1].groups[0]
+    assert (windows.count, windows.size) == (95 * 127, (32, 32))
     assert chosen.view_batch_size in memory.VIEW_BATCHES
 
 

@@ -34,7 +34,8 @@ def test_every_row_is_named_once_in_every_front_end():
     assert len({s.a1111 for s in ROWS if s.a1111}) == len([s for s in ROWS if s.a1111])
     options = [a.option_strings for a in parser()._actions if a.option_strings]
     flags = {f for fs in options for f in fs} - {"-h", "--help", "--version"}
-    assert flags == {s.option for s in ROWS if s.name != "prompt"}
+    older = {"--" + s.older.replace("_", "-") for s in ROWS if s.older}
+    assert flags == {s.option for s in ROWS if s.name != "prompt"} | older and older == {"--scheduler"}
 
 
 def test_the_command_lines_defaults_and_help_come_from_the_rows():
@@ -80,7 +81,7 @@ def test_values_are_checked_by_their_row_and_named_by_each_front_end():
     assert worded(e.value) == "--steps 0 is invalid; it must be an integer from 1 to 1000"
     assert e.value.worded(lambda s: s.label) == "Steps per scale 0 is invalid; it must be an integer from 1 to 1000"
     for name, bad in [("guidance", math.nan), ("sigma", 0.0), ("c1", -1.0), ("view_batch", 0), ("seed", -2),
-                      ("seed", 2 ** 64), ("steps", 2.5), ("steps", True), ("jitter", "yes"), ("scheduler", "dpm")]:
+                      ("seed", 2 ** 64), ("steps", 2.5), ("steps", True), ("jitter", "yes"), ("guidance_rescale", 1.5), ("strength", 0.0)]:
         with pytest.raises(SettingError):
             check(name, bad)
     for name, good in [("guidance", 0.0), ("sigma", 1e-3), ("seed", -1), ("seed", 2 ** 64 - 1), ("steps", 1000)]:
@@ -177,12 +178,24 @@ def test_memory_budgets_in_bytes_or_text():
 
 def test_the_png_reader_reads_every_recorded_setting_back(tmp_path):
     settings = {**defaults(RECORDED), "prompt": "a fox", "height": 512, "width": 256, "seed": 3, "stride": 16,
-                "view_batch": 4, "steps": 7}
+                "view_batch": 4, "steps": 7, "sampler": "dpmpp_2m_sde", "schedule": "karras", "eta": 0.5,
+                "guidance_rescale": 0.7, "strength": 0.5, "max_memory": 8 << 30}
     text = metadata.a1111_parameters(settings, (256, 512), 2, 2, {"name": "m", "hash": "0123456789"})
+    assert "Sampler: DPM++ 2M SDE, Schedule type: Karras" in text and "Denoising strength: 0.5" in text
     back = metadata.settings_from_a1111(metadata.parse_a1111(text))
     for s in ROWS:
         if s.a1111 and settings.get(s.name) is not None:
             assert back[s.name] == settings[s.name], s.name
+    explicit = {**settings, "schedule": None, "timesteps": [999, 749, 499, 249], "sampler": "lcm", "eta": None}
+    text = metadata.a1111_parameters(explicit, (256, 512), 2, 2, {})
+    assert metadata.settings_from_a1111(metadata.parse_a1111(text))["timesteps"] == [999, 749, 499, 249]
+    # the defaults go unsaid, as Automatic1111 leaves them out: the paper's run reads as it always did
+    plain = metadata.a1111_parameters({**defaults(RECORDED), "prompt": "p", "height": 512, "width": 512, "seed": 1,
+                                       "sampler": "ddim", "schedule": "leading", "eta": 0.0}, (512, 512), 2, 2, {})
+    assert "Schedule type" not in plain and "Eta" not in plain and "Denoising" not in plain and "Rescale" not in plain
+    # older A1111 texts: a combined sampler name gives the schedule too
+    old = metadata.settings_from_a1111(metadata.parse_a1111("p\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7"))
+    assert (old["sampler"], old["schedule"]) == ("dpmpp_2m", "karras")
     assert set(RECORDED) == set(REQUEST) | {s.name for s in ROWS if s.part == LOAD} - {"device", "dtype"}
 
 

@@ -43,11 +43,10 @@ from .flops import count_unet_flops, unet_flops
 from .sampler_state import sampler_calls
 from .tracker import HOST_MAPS, MAP_BUFFERS, CPUAttentionOnMeta, MemoryTracker
 from .weights import component_dtypes, controlnet_weights_bytes, weights_bytes
-from .work import unet_views
 
 __all__ = ["ActivationProfile", "activation_profile", "condition_bytes", "controlled_activation_bytes",
            "text_activation_bytes", "unet_activation_bytes", "CUDA_CONTEXT_BYTES", "DECODE_TILES", "FRAGMENTATION",
            "VIEW_BATCHES", "GiB", "MemoryPlan", "estimate", "measured", "needs", "parse_size", "plan", "predict",
            "required_bytes", "cache_dir", "decode_bytes", "count_unet_flops", "unet_flops", "sampler_calls",
            "HOST_MAPS", "MAP_BUFFERS", "CPUAttentionOnMeta", "MemoryTracker", "component_dtypes",
-           "controlnet_weights_bytes", "weights_bytes", "unet_views"]
+           "controlnet_weights_bytes", "weights_bytes"]

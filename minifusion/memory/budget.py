@@ -28,8 +28,9 @@ from .flops import _decode_flop_fit, _unet_flop_fit, unet_flops
 from .sampler_state import _sampler_bytes, _sampler_fit
 from .weights import (_controlnet_parameters, _parameter_counts, component_dtypes, controlnet_weights_bytes,
                       weights_bytes)
-from .work import unet_views
 from ..settings import GiB
+from ..views import halves as cfg_halves
+from ..work import describe
 
 FRAGMENTATION = 0.10  # caching-allocator rounding and fragmentation, as a fraction of live tensor bytes
 CUDA_CONTEXT_BYTES = GiB // 2  # CUDA context and loaded kernel images: device memory outside torch's count
@@ -39,11 +40,14 @@ DECODE_TILES = (1024, 512, 384, 256, 192, 128, 96, 64)
 
 def predict(cfgs: Configs, height: int, width: int, dtype: torch.dtype = torch.float16, view_batch_size: int = 16,
             decode_tile: int | None = 256, stride: int | None = None, resident: Collection[str] = COMPONENTS,
-            controlnets: tuple[ControlNetConfig, ...] = (), vae_dtype: torch.dtype | None = None) -> list[dict]:
+            controlnets: tuple[ControlNetConfig, ...] = (), vae_dtype: torch.dtype | None = None,
+            halves: int = 2) -> list[dict]:
     """Predicted peak live tensor bytes on the compute device per scale (base scale first), denoising and decoding
     apart: what torch.cuda.max_memory_allocated reports for each. `resident`: the networks that stay on the device
     throughout (default all four; () when each visits the device only while it runs). `controlnets`: every UNet
-    call steered by these, whose weights go where the UNet's go. `vae_dtype`: as component_dtypes."""
+    call steered by these, whose weights go where the UNet's go. `vae_dtype`: as component_dtypes. halves: UNet
+    rows per view (work.ScaleWork.halves: 1 where guidance is off), the UNet's batch; the sampler's own bytes were
+    fitted with both halves, an upper bound with one."""
     stride = stride or cfgs.unet.sample_size // 2
     wb = weights_bytes(cfgs, dtype, vae_dtype)
     control = controlnet_weights_bytes(controlnets, dtype)
@@ -60,10 +64,10 @@ def predict(cfgs: Configs, height: int, width: int, dtype: torch.dtype = torch.f
     for s, (h, w) in enumerate(sizes, start=1):
         calls = _sampler_bytes(cfgs.unet, dtype, sizes, s, stride, view_batch_size)
         denoise = during_denoise + condition_bytes(controlnets, h, w) + max(
-            live + profile.bytes(n, ch, cw) for live, n, ch, cw in calls)
+            live + profile.bytes(n * halves // 2, ch, cw) for live, n, ch, cw in calls)
         dec = decode_bytes(cfgs.vae, h, w, component_dtypes(dtype, vae_dtype)["vae"], decode_tile)
         out.append({"scale": s, "latent_size": (h, w), "image_size": (upscale * h, upscale * w),
-                    "max_unet_batch": max(n for _, n, _, _ in calls),
+                    "max_unet_batch": max(n * halves // 2 for _, n, _, _ in calls),
                     "denoise_bytes": denoise, "decode_bytes": during_decode + dec["device"],
                     "peak_bytes": max(denoise, during_decode + dec["device"]), "host_decode_bytes": dec["host"]})
     out[0]["encode_bytes"] = during_encode  # the prompts are encoded once, before scale 1
@@ -124,18 +128,24 @@ def plan(max_memory_bytes: int, cfgs: Configs, height: int, width: int, dtype: t
 def estimate(cfgs: Configs, height: int, width: int, steps: int = 50, view_batch_size: int = 16,
              dtype: torch.dtype = torch.float16, decode_tile: int | None = 256, stride: int | None = None,
              seconds_per_unet_eval: float | None = None, resident: Collection[str] = COMPONENTS,
-             controlnets: tuple[ControlNetConfig, ...] = (), vae_dtype: torch.dtype | None = None) -> dict:
+             controlnets: tuple[ControlNetConfig, ...] = (), vae_dtype: torch.dtype | None = None,
+             guidance_scale: float = 7.5, strength: float = 1.0) -> dict:
     """The cost of a request before running it: peak bytes (max over scales), UNet evaluations, FLOPs (UNet
     plus one decode per scale) and, given a measured seconds per UNet evaluation at the native window size,
     seconds of the UNet evaluations (bench/ measures what the rest of a step adds). `scales`: predict's rows,
-    each with its own unet_evals and flops. `controlnets`: their memory as `predict` counts it (their FLOPs
+    each with its own unet_evals and flops, the work of each from minifusion.work.describe (guidance <= 1: one
+    half; strength: the steps scales >= 2 run). `controlnets`: their memory as `predict` counts it (their FLOPs
     are not counted); `vae_dtype`: as `predict`."""
-    rows = predict(cfgs, height, width, dtype, view_batch_size, decode_tile, stride, resident, controlnets, vae_dtype)
+    halves = cfg_halves(guidance_scale)
+    rows = predict(cfgs, height, width, dtype, view_batch_size, decode_tile, stride, resident, controlnets, vae_dtype,
+                   halves)
     decode = _decode_flop_fit(cfgs.vae)
-    for row, views in zip(rows, unet_views(cfgs.unet, height, width, stride)):
+    work = describe(height, width, base_px=cfgs.unet.sample_size * 8, window=cfgs.unet.sample_size, steps=steps,
+                    stride=stride, view_batch=view_batch_size, halves=halves, strength=strength)
+    for row, scale in zip(rows, work):
         h, w = row["latent_size"]
-        row["unet_evals"] = sum(2 * n * steps for _, _, n in views)
-        row["flops"] = (sum(2 * n * steps * unet_flops(cfgs.unet, vh, vw) for vh, vw, n in views)
+        row["unet_evals"] = scale.unet_evals
+        row["flops"] = (sum(scale.steps * halves * g.count * unet_flops(cfgs.unet, *g.size) for g in scale.groups)
                         + _dot(decode, [1, h * w, (h * w) ** 2]))
     out = {"peak_bytes": max(r["peak_bytes"] for r in rows), "unet_evals": sum(r["unet_evals"] for r in rows),
            "flops": sum(r["flops"] for r in rows), "scales": rows}

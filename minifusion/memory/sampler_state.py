@@ -12,9 +12,9 @@ import torch
 from ..config import UNetConfig
 from ..demofusion import demofusion, scale_sizes, window_margin
 from ..views import Cond
+from ..work import step_groups
 from .cache import _dot, _least_squares, _Measured
 from .tracker import CPUAttentionOnMeta, MemoryTracker
-from .work import _view_groups
 
 
 class _NoOpUNet:
@@ -94,7 +94,7 @@ def _scale_calls(sizes: list[tuple[int, int]], s: int, window: int, stride: int,
     """One step's UNet calls of scale s of a run with latent `sizes` (or, with every=False, the candidates for
     its largest): (features, samples, view h, view w). Phase 1's features are its latent area alone."""
     h, w = sizes[s - 1]
-    groups = _view_groups(h, w, s, window, stride)
+    groups = [(g.count, *g.size) for g in step_groups(h, w, s, window, stride)]
     if s == 1:
         return [([1, h * w], 2, h, w)]
     areas = (sizes[0][0] * sizes[0][1], sizes[s - 2][0] * sizes[s - 2][1])
