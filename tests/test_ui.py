@@ -33,7 +33,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
-from minifusion import ui
+from minifusion import studio, ui
 from minifusion.files import SavedScale, load_latents
 from minifusion.metadata import parse_a1111
 from minifusion.pipeline import check_request
@@ -95,13 +95,13 @@ def test_size_presets_are_valid_requests_of_the_named_sizes():
     ({"prompt": "  "}, "prompt", "no prompt given"),
 ])
 def test_bad_requests_name_the_field_with_the_clis_message(values, field, message):
-    with pytest.raises(ui.RequestError, match=message) as err:
-        ui.check(ui.settings_from({"prompt": "a fox", **values}, BASE, WINDOW), BASE, WINDOW)
+    with pytest.raises(studio.RequestError, match=message) as err:
+        studio.check(studio.settings_from({"prompt": "a fox", **values}, BASE, WINDOW), BASE, WINDOW)
     assert err.value.field == field
 
 
 def test_settings_are_the_clis_with_its_defaults():
-    s = ui.settings_from({"prompt": " a fox ", "negative": "", "width": None, "view_batch": None,
+    s = studio.settings_from({"prompt": " a fox ", "negative": "", "width": None, "view_batch": None,
                           "max_memory": "1.5", "random_seed": True}, BASE, WINDOW)
     assert s == {"prompt": "a fox", "negative": None, "height": 512, "width": 512, "steps": 50, "guidance": 7.5,
                  "seed": None, "scheduler": "ddim", "stride": 16, "view_batch": None, "c1": 3.0, "c2": 1.0,
@@ -109,37 +109,37 @@ def test_settings_are_the_clis_with_its_defaults():
                  "max_memory": 3 * 2**29, "control_image": None, "control_scale": 1.0, "control_start": 0.0,
                  "control_end": 1.0, "guess_mode": False, "lora": [], "vae": None, "embedding": [],
                  "controlnet": [], "canny": False}
-    ui.check(s, BASE, WINDOW)
+    studio.check(s, BASE, WINDOW)
 
 
 def test_a_missing_side_follows_the_pictures_aspect(tmp_path):
     Image.new("RGB", (300, 200)).save(tmp_path / "p.png")
-    s = ui.settings_from({"prompt": "a fox", "image": str(tmp_path / "p.png")}, BASE, WINDOW)
+    s = studio.settings_from({"prompt": "a fox", "image": str(tmp_path / "p.png")}, BASE, WINDOW)
     assert (s["width"], s["height"]) == (512, 344)
-    with pytest.raises(ui.RequestError, match="does not have the input image's aspect") as err:
-        ui.check({**s, "width": 512, "height": 512}, BASE, WINDOW)
+    with pytest.raises(studio.RequestError, match="does not have the input image's aspect") as err:
+        studio.check({**s, "width": 512, "height": 512}, BASE, WINDOW)
     assert err.value.field == "size"
 
 
 def test_continuing_must_add_scales_at_the_same_aspect():
     saved = SavedScale(2, torch.zeros(1, 4, 64, 64), 0.0, 1.0, None, {})  # scale 2 of a 512x512 run
-    ui.check_resume(saved, 768, 768, BASE)
-    with pytest.raises(ui.RequestError, match="already reached scale 2; ask for a larger size"):
-        ui.check_resume(saved, 512, 512, BASE)
-    with pytest.raises(ui.RequestError, match="latents are 64x64, but a 1024x768 run has 64x48 there; keep the aspect"):
-        ui.check_resume(saved, 768, 1024, BASE)
+    studio.check_resume(saved, 768, 768, BASE)
+    with pytest.raises(studio.RequestError, match="already reached scale 2; ask for a larger size"):
+        studio.check_resume(saved, 512, 512, BASE)
+    with pytest.raises(studio.RequestError, match="latents are 64x64, but a 1024x768 run has 64x48 there; keep the aspect"):
+        studio.check_resume(saved, 768, 1024, BASE)
 
 
 def test_the_eta_from_unet_evaluations_done_and_left():
-    p = ui.RunProgress([(168, 256), (336, 512), (512, 768)], [4, 100, 300], steps=2, started=10.0)
+    p = studio.RunProgress([(168, 256), (336, 512), (512, 768)], [4, 100, 300], steps=2, started=10.0)
     assert p.eta(now=11.0) is None and "ETA: after the first step" in p.html()
-    p.step(ui.Step(1, 2, 2, 4))
+    p.step(studio.Step(1, 2, 2, 4))
     assert p.eta(now=12.0) == pytest.approx(2.0 * 400 / 4)
-    p.step(ui.Step(2, 1, 2, 50))
+    p.step(studio.Step(2, 1, 2, 50))
     assert p.eta(now=20.0) == pytest.approx(10.0 * 350 / 54)
     # continuing from scale 2: only scale 3's evaluations are left to do
-    q = ui.RunProgress([(168, 256), (336, 512), (512, 768)], [4, 100, 300], steps=2, first=3, started=0.0)
-    q.step(ui.Step(3, 1, 2, 150))
+    q = studio.RunProgress([(168, 256), (336, 512), (512, 768)], [4, 100, 300], steps=2, first=3, started=0.0)
+    q.step(studio.Step(3, 1, 2, 150))
     assert q.eta(now=3.0) == pytest.approx(3.0) and "from the run continued" in q.html()
 
 
@@ -149,26 +149,26 @@ def test_cancel_stops_after_the_current_step_and_keeps_finished_scales(tiny_pipe
     seen = []
     # cancel pressed once scale 2's first step is reported: the step then in progress (the second, or the
     # third if it had already begun) is the last
-    with pytest.raises(ui.Cancelled, match="cancelled after step [23]/4 of scale 2") as stopped:
-        for ev in ui.stream(tiny_pipe, "a fox", {"height": 384, "width": 512, "num_inference_steps": 4}, cancel):
+    with pytest.raises(studio.Cancelled, match="cancelled after step [23]/4 of scale 2") as stopped:
+        for ev in studio.stream(tiny_pipe, "a fox", {"height": 384, "width": 512, "num_inference_steps": 4}, cancel):
             seen.append(ev)
-            if isinstance(ev, ui.Step) and ev.scale == 2 and ev.step == 1:
+            if isinstance(ev, studio.Step) and ev.scale == 2 and ev.step == 1:
                 cancel.set()
     last = int(str(stopped.value).split()[3][0])
-    steps = [e for e in seen if isinstance(e, ui.Step)]
+    steps = [e for e in seen if isinstance(e, studio.Step)]
     assert [(e.scale, e.step) for e in steps] == [(1, i) for i in range(5)] + [(2, i) for i in range(last + 1)]
-    assert [e.scale for e in seen if not isinstance(e, ui.Step)] == [1]
-    per_scale = ui.scale_evals(TINY.unet, 384, 512, WINDOW // 2, 4)
+    assert [e.scale for e in seen if not isinstance(e, studio.Step)] == [1]
+    per_scale = studio.scale_evals(TINY.unet, 384, 512, WINDOW // 2, 4)
     assert per_scale[0] == steps[4].evals and per_scale[1] == 4 * steps[6].evals == 4 * steps[-1].evals / last
 
 
 def test_a_runs_error_is_one_line_as_the_cli_words_it():
     settings = {"width": 4096, "height": 4096}
     oom = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
-    assert ui.error_line(oom, settings) == ("out of memory even with one view per UNet call at 4096x4096; choose a "
+    assert studio.error_line(oom, settings) == ("out of memory even with one view per UNet call at 4096x4096; choose a "
                                             "smaller size or set a memory budget in the advanced settings")
-    assert ui.error_line(ValueError("a.png: not an image\nmore"), settings) == "a.png: not an image"
-    assert ui.error_line(KeyError("x"), settings) == "KeyError: 'x'"
+    assert studio.error_line(ValueError("a.png: not an image\nmore"), settings) == "a.png: not an image"
+    assert studio.error_line(KeyError("x"), settings) == "KeyError: 'x'"
 
 
 def test_only_loopback_addresses_stay_off_the_network():
@@ -183,7 +183,7 @@ def test_the_folders_beside_the_checkpoint_list_what_there_is_to_pick(tmp_path):
                  "vae/fix.safetensors", "vae/fp16-fix/config.json"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).touch()
-    folders = ui.Folders.beside(weights)
+    folders = studio.Folders.beside(weights)
     assert folders.lora == tmp_path / "loras" and folders.controlnet == tmp_path / "controlnet"
     assert folders.entries("lora") == ["a.safetensors", "styles/B.safetensors"]
     assert folders.entries("vae") == ["fix.safetensors", "fp16-fix"]
@@ -191,14 +191,14 @@ def test_the_folders_beside_the_checkpoint_list_what_there_is_to_pick(tmp_path):
     assert folders.path("lora", "styles/B.safetensors") == str(tmp_path / "loras" / "styles" / "B.safetensors")
     for name, message in (("../sdxl.safetensors", "not in the LoRA folder"), (str(weights), "not in the LoRA folder"),
                           ("c.safetensors", "no such LoRA in")):
-        with pytest.raises(ui.RequestError, match=message) as err:
+        with pytest.raises(studio.RequestError, match=message) as err:
             folders.path("lora", name)
         assert err.value.field == "lora"
     # a diffusers checkpoint's vae/ is its own VAE, not a list of them
     (tmp_path / "unet").mkdir()
     (tmp_path / "vae" / "config.json").touch()
-    assert ui.Folders.beside(tmp_path).entries("vae") == ["fp16-fix"]
-    assert ui.Folders.beside(tmp_path, lora=tmp_path / "vae").lora == tmp_path / "vae"
+    assert studio.Folders.beside(tmp_path).entries("vae") == ["fp16-fix"]
+    assert studio.Folders.beside(tmp_path, lora=tmp_path / "vae").lora == tmp_path / "vae"
 
 
 def test_embeddings_that_do_not_load_are_skipped_with_a_line_each(tmp_path, tiny_pipe):
@@ -209,7 +209,7 @@ def test_embeddings_that_do_not_load_are_skipped_with_a_line_each(tmp_path, tiny
     save_file(vectors, str(folder / "x" / "Neggy.safetensors"))  # the same word: prompts are lowercased
     save_file({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(2, 1280)}, str(folder / "full_size.safetensors"))
     (folder / "old.pt").write_bytes(b"pickle")
-    usable, skipped = ui.Folders.beside(tmp_path).embeddings(TINY, tiny_pipe.tokenizer.encode)
+    usable, skipped = studio.Folders.beside(tmp_path).embeddings(TINY, tiny_pipe.tokenizer.encode)
     assert usable == [str(folder / "neggy.safetensors")]
     assert len(skipped) == 3 and all("\n" not in line for line in skipped)
     assert "full_size.safetensors: clip_l is 2 x 768, not n x 64" in skipped[0]
@@ -229,19 +229,19 @@ def test_another_set_loads_the_pipeline_again_and_one_that_fails_leaves_the_one_
     def fake_load(path, device, dtype, loras, vae, embeddings, controlnet):
         loaded.append((loras, vae))
         if vae == "broken.safetensors":
-            raise ui.CheckpointError("broken.safetensors: truncated\nmore")
+            raise studio.CheckpointError("broken.safetensors: truncated\nmore")
         return Loaded()
 
-    monkeypatch.setattr(ui, "load", fake_load)
-    studio = ui.Studio(tiny_pipe, Path("tiny.safetensors"), tmp_path)
-    assert studio.loaded == ui.Adapters() and list(studio.use(ui.Adapters())) == [] and studio.pipe is tiny_pipe
-    styled = ui.Adapters(lora=(("/w/loras/style.safetensors", 0.7),), controlnet=("/w/controlnet/cn",))
-    assert list(studio.use(styled)) == [ui.Loading("LoRA style.safetensors at 0.7, ControlNet cn")]
-    assert isinstance(studio.pipe, Loaded) and studio.loaded == styled
-    with pytest.raises(ui.LoadError, match=r"^broken.safetensors: truncated; loaded LoRA style.safetensors at 0.7, "
+    monkeypatch.setattr(studio, "load", fake_load)
+    st = studio.Studio(tiny_pipe, Path("tiny.safetensors"), tmp_path)
+    assert st.loaded == studio.Adapters() and list(st.use(studio.Adapters())) == [] and st.pipe is tiny_pipe
+    styled = studio.Adapters(lora=(("/w/loras/style.safetensors", 0.7),), controlnet=("/w/controlnet/cn",))
+    assert list(st.use(styled)) == [studio.Loading("LoRA style.safetensors at 0.7, ControlNet cn")]
+    assert isinstance(st.pipe, Loaded) and st.loaded == styled
+    with pytest.raises(studio.LoadError, match=r"^broken.safetensors: truncated; loaded LoRA style.safetensors at 0.7, "
                        r"ControlNet cn again$"):
-        list(studio.use(ui.Adapters(vae="broken.safetensors")))
-    assert studio.loaded == styled and isinstance(studio.pipe, Loaded)
+        list(st.use(studio.Adapters(vae="broken.safetensors")))
+    assert st.loaded == styled and isinstance(st.pipe, Loaded)
     assert loaded == [([("/w/loras/style.safetensors", 0.7)], None), ([], "broken.safetensors"),
                       ([("/w/loras/style.safetensors", 0.7)], None)]
 
@@ -251,7 +251,7 @@ def test_a_control_image_goes_with_a_controlnet_and_a_broken_vae_is_one_line(tmp
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae" / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
     Image.new("RGB", (64, 64)).save(tmp_path / "edges.png")
-    studio = ui.Studio(tiny_pipe, tmp_path, tmp_path)
+    st = studio.Studio(tiny_pipe, tmp_path, tmp_path)
     fox = {"prompt": "a fox", "height": 256, "width": 512}
     for values, field, message in (
             ({"controlnet": "cn"}, "control_image", "the ControlNet cn needs a control image"),
@@ -261,8 +261,8 @@ def test_a_control_image_goes_with_a_controlnet_and_a_broken_vae_is_one_line(tmp
             ({"controlnet": "cn", "control_image": str(tmp_path / "edges.png")}, "controlnet", "cn: no ControlNet"),
             ({"lora": [("style.safetensors", 1.0)]}, "lora", "style.safetensors: no such LoRA in"),
             ({"vae": "broken.safetensors"}, "vae", "broken.safetensors: ")):
-        with pytest.raises(ui.RequestError, match=message) as err:
-            studio.settings({**fox, **values})
+        with pytest.raises(studio.RequestError, match=message) as err:
+            st.settings({**fox, **values})
         assert err.value.field == field and "\n" not in str(err.value)
 
 

@@ -1,0 +1,557 @@
+"""The web UI's machinery without the page: what a browser or an API client drives, Gradio-free so that tests
+drive it directly. The folders beside the checkpoint and what loads from them (Folders, Adapters), the request
+shaping (a page's or API's values -> the CLI's settings, checked as the CLI checks them), the progress and ETA of a
+run, and Studio: the loaded model and the output folder, one run at a time, with a cancel switch per session.
+"""
+import gc
+import logging
+import os
+import queue
+import secrets
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from . import __main__ as cli
+from . import memory, metadata
+from .checkpoint import CheckpointError
+from .controlnet import canny, phase1_condition_size
+from .controlnet_file import inspect_controlnet
+from .demofusion import scale_sizes
+from .embeddings import PICKLE_SUFFIXES, load_embedding
+from .encode import base_scale_size, open_image
+from .files import SavedScale, latent_path, load_latents, save_latents
+from .lora import open_loras
+from .pipeline import NonFiniteError, Pipeline, Scale, check_request, load, resident
+from .tiny import TINY
+from .tokenizer import Tokenizer
+from .vae_file import inspect_vae, vae_dtype_for
+from .views import is_out_of_memory
+
+log = logging.getLogger("minifusion")
+# the first word of check_request's messages (its argument names) -> the page's setting it is about
+MESSAGE_FIELDS = {arg: name for name, arg in metadata.SETTINGS.items() if arg in cli.CHECKED}
+# what loads beside the checkpoint (the CLI's names) -> its folder inside the weights folder
+FOLDERS = {"lora": "loras", "vae": "vae", "embedding": "embeddings", "controlnet": "controlnet"}
+WHAT = {"lora": "LoRA", "vae": "VAE", "embedding": "embedding", "controlnet": "ControlNet"}
+ADAPTERS = tuple(FOLDERS)  # their settings, beside metadata.SETTINGS
+MAX_LORAS = 8  # weight sliders on the page, one per picked LoRA
+
+
+class RequestError(ValueError):
+    """A request the page refuses before queueing it; `field` names the setting to fix."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class Cancelled(Exception):
+    """Raised from the step callback once cancel is pressed: the run stops after the step in progress."""
+
+
+class LoadError(ValueError):
+    """A LoRA / VAE / embedding / ControlNet set that failed to load; the set loaded before it is back."""
+
+
+@dataclass(frozen=True)
+class Folders:
+    """Where the page finds what loads beside the checkpoint, one folder per kind (FOLDERS)."""
+    lora: Path
+    vae: Path
+    embedding: Path
+    controlnet: Path
+
+    @classmethod
+    def beside(cls, weights: Path, **given: Path | None) -> "Folders":
+        """weights/loras/, ... inside the weights folder, or next to the checkpoint file; `given` overrides."""
+        home = weights.parent if weights.is_file() else weights
+        return cls(**{k: Path(os.path.abspath(given.get(k) or home / sub)) for k, sub in FOLDERS.items()})
+
+    def entries(self, kind: str) -> list[str]:
+        """What there is to pick, as names relative to the folder. LoRAs and embeddings: the .safetensors files
+        anywhere under it (embeddings: pickles too, to say why they are skipped). VAEs and ControlNets: the
+        .safetensors files and the folders in it; a folder holding config.json is one network (a diffusers
+        checkpoint's own vae/, say), whose weights files are not choices of their own."""
+        folder = getattr(self, kind)
+        try:
+            if kind in ("lora", "embedding"):
+                suffixes = (".safetensors", *PICKLE_SUFFIXES) if kind == "embedding" else (".safetensors",)
+                found = [p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file()]
+            else:
+                one = (folder / "config.json").is_file()
+                found = [p for p in folder.iterdir()
+                         if p.is_dir() or not one and p.suffix.lower() == ".safetensors" and p.is_file()]
+        except OSError:  # no such folder (the usual case), or unreadable: nothing to pick
+            return []
+        names = [p.relative_to(folder).as_posix() for p in found]
+        return sorted((n for n in names if not any(part.startswith(".") for part in n.split("/"))), key=str.lower)
+
+    def path(self, kind: str, name: str | Path) -> str:
+        """The absolute path of an entry (a name as `entries` gives it, or a path inside the folder), for
+        the PNG's metadata to name a file --settings-from finds; RequestError for anything else, so that the
+        page and the API load nothing from outside these folders."""
+        folder = getattr(self, kind)
+        path = Path(os.path.normpath(folder / name))
+        if not path.is_relative_to(folder) or path == folder:
+            raise RequestError(kind, f"{name}: not in the {WHAT[kind]} folder {shown_folder(folder)}; put it there")
+        if not path.exists():
+            raise RequestError(kind, f"{name}: no such {WHAT[kind]} in {shown_folder(folder)} (rescan the folders to "
+                               "see what is there)")
+        return str(path)
+
+    def embeddings(self, cfgs, encode: Callable[[str], list[int]]) -> tuple[list[str], list[str]]:
+        """The embeddings that load into a checkpoint of `cfgs` (paths), and a line for each that does not:
+        skipped, as Automatic1111 skips them, rather than keeping the app from starting."""
+        widths = (cfgs.text_encoder_1.width, cfgs.text_encoder_2.width)
+        usable, skipped, words = [], [], {}
+        for name in self.entries("embedding"):
+            path = self.path("embedding", name)
+            try:
+                ids = load_embedding(path, widths, encode).ids
+            except (CheckpointError, ValueError) as e:
+                skipped.append(str(e).splitlines()[0])
+                continue
+            if ids in words:
+                skipped.append(f"{path}: the same word as {words[ids]} (prompts are lowercased); rename one")
+                continue
+            usable.append(path)
+            words[ids] = Path(path).name
+        return usable, skipped
+
+
+@dataclass(frozen=True)
+class Adapters:
+    """What `load` merges into the weights or keeps beside them, under the CLI's names: a request for another
+    set than the loaded one loads the pipeline again."""
+    lora: tuple[tuple[str, float], ...] = ()
+    vae: str | None = None
+    embedding: tuple[str, ...] = ()
+    controlnet: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, settings: dict) -> "Adapters":
+        return cls(tuple((str(p), float(w)) for p, w in settings.get("lora") or ()), settings.get("vae"),
+                   tuple(settings.get("embedding") or ()), tuple(settings.get("controlnet") or ()))
+
+    def describe(self) -> str:
+        parts = [f"LoRA {Path(p).name} at {w:g}" for p, w in self.lora]
+        parts += [f"VAE {Path(self.vae).name}"] if self.vae else []
+        parts += [f"ControlNet {Path(c).name}" for c in self.controlnet]
+        n = len(self.embedding)
+        parts += [f"{n} embedding{'s' if n > 1 else ''}"] if n else []
+        return ", ".join(parts) or "the checkpoint alone"
+
+
+@dataclass(frozen=True)
+class Step:
+    scale: int
+    step: int
+    steps: int
+    evals: int  # UNet evaluations so far in this scale
+
+
+@dataclass(frozen=True)
+class Loading:
+    what: str  # Adapters.describe() of the set being loaded
+
+
+@dataclass(frozen=True)
+class Finished:
+    scale: int
+    png: Path
+    latents: Path
+    size: tuple[int, int]  # (width, height) px
+    seconds: float | None  # None: the scale is the input picture, not computed
+    settings: dict  # as its PNG records them
+
+
+def settings_from(values: dict, base: int, window: int) -> dict:
+    """The CLI's settings (its names, meanings and defaults) from the page's or the API's values: blank
+    optional fields take the CLI's defaults, a blank negative prompt means none (zero embeddings), and with a
+    picture a missing side follows its aspect. LoRAs, VAE, embeddings and ControlNets as paths (Studio.settings
+    finds them in their folders)."""
+    names = (*metadata.SETTINGS, *ADAPTERS, *metadata.CLI_SETTINGS)
+    settings = {k: cli.DEFAULTS.get(k) for k in names}
+    settings.update({k: v for k, v in values.items() if k in names and v is not None and v != ""})
+    settings["prompt"] = (values.get("prompt") or "").strip()
+    settings["negative"] = values.get("negative") or None
+    if settings["image"] is not None and None in (settings["height"], settings["width"]):
+        try:  # as the CLI's --image: a missing side follows the picture's aspect
+            picture = open_image(settings["image"])
+            settings["height"], settings["width"] = base_scale_size(
+                picture.width, picture.height, base, settings["height"], settings["width"]).final
+        except ValueError as e:  # ImageError included
+            raise RequestError("image", str(e)) from None
+    settings["height"] = settings["height"] or 2 * base
+    settings["width"] = settings["width"] or 2 * base
+    settings["stride"] = settings["stride"] or window // 2
+    settings["view_batch"] = settings["view_batch"] or None  # 0: the CLI's default (16, or what the budget allows)
+    if isinstance(settings["max_memory"], str):
+        try:
+            settings["max_memory"] = memory.parse_size(settings["max_memory"], unit=memory.GiB)
+        except ValueError as e:
+            raise RequestError("max_memory", str(e)) from None
+    return settings
+
+
+def check(settings: dict, base: int, window: int) -> None:
+    """RequestError, with the CLI's message, for what the CLI refuses: a seed, what check_request refuses, a
+    picture that cannot be read or whose aspect the size does not keep, a ControlNet's start after its end."""
+    if not settings["prompt"]:
+        raise RequestError("prompt", "no prompt given: type what to draw")
+    try:
+        cli.seed_of(settings)
+    except cli.UserError as e:
+        raise RequestError("seed", str(e)) from None
+    try:
+        check_request(base, window, settings["height"], settings["width"], settings["steps"], settings["guidance"],
+                      16 if settings["view_batch"] is None else settings["view_batch"], settings["stride"],
+                      settings["c1"], settings["c2"], settings["c3"], settings["sigma"], settings["scheduler"])
+    except ValueError as e:
+        raise request_error(e) from None
+    if settings["image"] is not None:
+        try:
+            picture = open_image(settings["image"])
+        except ValueError as e:  # ImageError
+            raise RequestError("image", str(e)) from None
+        try:
+            base_scale_size(picture.width, picture.height, base, settings["height"], settings["width"])
+        except ValueError as e:
+            raise RequestError("size", str(e)) from None
+    if settings["controlnet"]:
+        a, b = settings["control_start"], settings["control_end"]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)) or not 0 <= a < b <= 1:
+            raise RequestError("control_end", f"the ControlNet acts from {a} to {b} of each scale's steps; it "
+                               "needs 0 <= start < end <= 1")
+
+
+def request_error(e: ValueError) -> RequestError:
+    """check_request's message under the setting it names (one about both sides, e.g. "size ...", under the size)."""
+    return RequestError(MESSAGE_FIELDS.get(str(e).split(" ", 1)[0], "size"), str(e))
+
+
+def check_resume(saved: SavedScale, height: int, width: int, base: int) -> None:
+    """The CLI's --resume checks: the new size must add scales and keep the aspect of the run it continues."""
+    n_scales = max(1, int(max(height, width) / base))
+    first = saved.scale + 1
+    if first > n_scales:
+        raise RequestError("size", f"that run already reached scale {first - 1}; ask for a larger size (scale "
+                           f"{first} needs the longer side >= {first * base} px)")
+    want = scale_sizes(height, width, base)[first - 2]
+    have = tuple(saved.latents.shape[-2:])
+    if want != have:
+        raise RequestError("size", f"its scale-{first - 1} latents are {have[1]}x{have[0]}, but a {width}x{height} "
+                           f"run has {want[1]}x{want[0]} there; keep the aspect ratio of the run you continue")
+
+
+def scale_evals(cfg, height: int, width: int, stride: int, steps: int) -> list[int]:
+    """UNet evaluations of each scale of a run: 2 (classifier-free guidance) x steps x views."""
+    return [2 * steps * sum(n for _, _, n in views) for views in memory.unet_views(cfg, height, width, stride)]
+
+
+@dataclass
+class RunProgress:
+    """What the page shows of a run: a bar per scale, and an ETA for the whole run from the UNet evaluations
+    done and left (every view is one native-size UNet evaluation, so they cost about the same)."""
+    sizes: list[tuple[int, int]]  # (width, height) px of every scale
+    evals: list[int]  # UNet evaluations each scale computes; scales before `first` are not computed
+    steps: int
+    first: int = 1
+    started: float = field(default_factory=time.perf_counter)
+    step_of: dict[int, int] = field(default_factory=dict)
+    evals_of: dict[int, int] = field(default_factory=dict)
+    seconds_of: dict[int, float | None] = field(default_factory=dict)
+
+    def step(self, ev: Step) -> None:
+        self.step_of[ev.scale], self.evals_of[ev.scale] = ev.step, ev.evals
+
+    def finish(self, ev: Finished) -> None:
+        self.seconds_of[ev.scale] = ev.seconds
+        self.step_of[ev.scale] = self.steps
+        self.evals_of[ev.scale] = self.evals[ev.scale - 1]
+
+    @property
+    def total(self) -> int:
+        return sum(self.evals[self.first - 1:])
+
+    @property
+    def done(self) -> int:
+        return sum(self.evals_of.get(s, 0) for s in range(self.first, len(self.evals) + 1))
+
+    def eta(self, now: float | None = None) -> float | None:
+        """Seconds left at the rate of the evaluations done so far; None before the first step."""
+        if self.done == 0:
+            return None
+        elapsed = (time.perf_counter() if now is None else now) - self.started
+        return elapsed * (self.total - self.done) / self.done
+
+    def html(self) -> str:
+        if len(self.sizes) in self.seconds_of:
+            head = f"done in {duration(time.perf_counter() - self.started)}"
+        elif self.done == self.total:
+            head = "ETA: decoding the last scale"
+        else:
+            eta = self.eta()
+            head = "ETA: after the first step" if eta is None else f"ETA {duration(eta)}"
+        rows = [f'<div class="mf-eta">{head} · {self.done} of {self.total} UNet evaluations</div>']
+        for s, (w, h) in enumerate(self.sizes, start=1):
+            value = self.step_of.get(s, self.steps if s < self.first else 0)
+            if s in self.seconds_of:
+                seconds = self.seconds_of[s]
+                state = "the input picture" if seconds is None else f"done in {duration(seconds)}"
+            elif s < self.first:
+                state = "from the run continued"
+            elif s in self.step_of:
+                state = "decoding" if value == self.steps else f"step {value}/{self.steps}"
+            else:
+                state = "waiting"
+            rows.append(f'<div class="mf-scale" data-scale="{s}"><span class="mf-name">scale {s} · {w}×{h}</span>'
+                        f'<progress max="{self.steps}" value="{value}"></progress>'
+                        f'<span class="mf-state">{state}</span></div>')
+        return '<div class="mf-progress">' + "".join(rows) + "</div>"
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+
+
+def shown_folder(folder: Path) -> str:
+    """A folder as the user would type it from here: relative when it is under the working folder."""
+    relative = os.path.relpath(folder)
+    return str(folder) if relative.startswith("..") else relative
+
+def error_line(e: BaseException, settings: dict) -> str:
+    """One line for an error a run raised, as the CLI words it."""
+    if is_out_of_memory(e):
+        return (f"out of memory even with one view per UNet call at {settings['width']}x{settings['height']}; "
+                "choose a smaller size or set a memory budget in the advanced settings")
+    if isinstance(e, (ValueError, CheckpointError, NonFiniteError, OSError)):  # LatentFileError is a ValueError
+        return one_line(e)
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'see the console'}"
+
+
+def stream(pipe: Pipeline, prompt: str, kwargs: dict, cancel: threading.Event) -> Iterator[Step | Scale]:
+    """iter_generate in a worker thread, so that every step reaches the page, not only the finished scales:
+    yields Step after each step and each Scale once decoded; raises what the run raised (Cancelled once `cancel`
+    is set). Leaving early cancels the run and waits for it, so the device is free when this returns."""
+    events: queue.Queue = queue.Queue()
+    end = object()
+
+    def on_step(scale, step, steps, evals):  # step 0: the scale begins
+        events.put(Step(scale, step, steps, evals))
+        if cancel.is_set():
+            raise Cancelled(f"cancelled after step {step}/{steps} of scale {scale}" if step else
+                            f"cancelled as scale {scale} began")
+
+    def work():
+        try:
+            for scale in pipe.iter_generate(prompt, callback=on_step, **kwargs):
+                events.put(scale)
+            events.put(end)
+        except BaseException as e:  # handed to the consumer, which raises it in the request's thread
+            events.put(e)
+
+    worker = threading.Thread(target=work, name="minifusion-run", daemon=True)
+    worker.start()
+    try:
+        while (ev := events.get()) is not end:
+            if isinstance(ev, BaseException):
+                raise ev
+            yield ev
+    finally:
+        cancel.set()
+        worker.join()
+
+
+class Studio:
+    """The loaded model and the output folder: runs a request, writing each scale's PNG and latents as the
+    CLI does, loading the pipeline again first when the request asks for other LoRAs, VAE, embeddings or
+    ControlNet; keeps one cancel switch per browser session."""
+
+    def __init__(self, pipe: Pipeline, weights: Path, outputs: Path, folders: Folders | None = None,
+                 skipped: Iterable[str] = ()):
+        self.pipe, self.weights, self.outputs = pipe, weights, outputs
+        self.folders = folders or Folders.beside(weights)
+        # what requests are checked against and loaded with: `pipe` is let go while another set loads
+        self.configs, self.device, self.dtype = pipe.configs, pipe.device, pipe.dtype
+        self.base, self.window = pipe.base_size, pipe.configs.unet.sample_size
+        self.is_tiny = pipe.configs == TINY
+        self.loaded: Adapters | None = Adapters.of(pipe.sources)  # None: no pipeline (the last loads failed)
+        self.embeddings, self.skipped = list(pipe.sources["embedding"]), list(skipped)  # the folder's, for requests
+        self.tokenizer = Tokenizer()
+        self._cancels: dict[str, threading.Event] = {}
+
+    def rescan(self) -> None:
+        """The embeddings folder again (the other folders are read whenever the page lists them); a change
+        loads the pipeline again at the next request."""
+        self.embeddings, self.skipped = self.folders.embeddings(self.configs, self.tokenizer.encode)
+
+    def settings(self, values: dict) -> dict:
+        """The request's settings, or RequestError for what the CLI refuses before it runs: LoRAs, VAE and
+        ControlNet named as the page lists them (found in their folders) and checked as the CLI checks them,
+        and a memory budget nothing fits in."""
+        settings = settings_from({**values, **self._paths(values)}, self.base, self.window)
+        check(settings, self.base, self.window)
+        want = Adapters.of(settings)
+        vae_file, nets = None, ()
+        # a set that loaded is not read again, unless a budget is to be planned with it; another is checked from
+        # its headers
+        if want != self.loaded or settings["max_memory"] is not None:
+            if want.lora and want != self.loaded:
+                _checked("lora", lambda: open_loras(want.lora, self.configs).close())
+            if want.vae:
+                vae_file = _checked("vae", inspect_vae, want.vae)
+            nets = tuple(_checked("controlnet", inspect_controlnet, net, self.configs.unet)
+                         for net in want.controlnet)
+        if settings["control_image"] is not None:
+            picture = _checked("control_image", open_image, settings["control_image"])
+            if settings["canny"]:
+                size = phase1_condition_size(settings["height"], settings["width"], self.base)
+                _checked("canny", canny, picture, size)
+        if settings["max_memory"] is not None:
+            # as the CLI plans it: with the ControlNets and the VAE asked for, not those loaded now
+            extra = {"controlnets": tuple(net.config for net in nets),
+                     "vae_dtype": vae_dtype_for(self.dtype, vae_file.fp16_safe) if vae_file is not None else None}
+            tiles = ((None,) if not settings["tiled_decode"] else ()) + memory.DECODE_TILES
+            try:
+                memory.plan(settings["max_memory"], self.configs, settings["height"], settings["width"],
+                            self.dtype, self.device.type, settings["stride"], resident(self.device),
+                            may_offload=self.device.type != "cpu", decode_tiles=tiles, **extra)
+            except ValueError as e:
+                raise RequestError("max_memory", f"{e}; raise the budget or choose a smaller size") from None
+        return settings
+
+    def _paths(self, values: dict) -> dict:
+        """A request's LoRAs ((name, weight) pairs), VAE and ControlNet (names; None for none) as the CLI's
+        settings: paths in their folders; the embeddings the folder holds. A control image goes with a
+        ControlNet."""
+        loras = [[self.folders.path("lora", name), float(weight)] for name, weight in values.get("lora") or ()]
+        vae, net = values.get("vae"), values.get("controlnet")
+        if values.get("control_image") and not net:
+            raise RequestError("controlnet", "a control image steers a ControlNet: choose one")
+        if net and not values.get("control_image"):
+            raise RequestError("control_image", f"the ControlNet {net} needs a control image: drop one here")
+        return {"lora": loras, "vae": self.folders.path("vae", vae) if vae else None,
+                "controlnet": [self.folders.path("controlnet", net)] if net else [], "embedding": list(self.embeddings)}
+
+    def resume(self, latents: str | None, height: int | None, width: int | None) -> SavedScale:
+        if not latents:
+            raise RequestError("size", "nothing to continue yet: generate first, then ask for a larger size")
+        saved = load_latents(latents)
+        height, width = int(height or 0), int(width or 0)
+        try:
+            check_request(self.base, self.window, height, width, stride=self.window // 2)
+        except ValueError as e:
+            raise request_error(e) from None
+        check_resume(saved, height, width, self.base)
+        return saved
+
+    def arm(self, token: str) -> threading.Event:
+        """A fresh cancel switch for the session's next run, made when its request is sent, so that cancel
+        also withdraws a request still waiting in the queue."""
+        self._cancels[token] = threading.Event()
+        return self._cancels[token]
+
+    def cancel(self, token: str) -> None:
+        if token in self._cancels:
+            self._cancels[token].set()
+
+    def switch(self, token: str | None) -> threading.Event:
+        return self._cancels.get(token) or self.arm(token or secrets.token_hex(8))
+
+    def progress(self, settings: dict, first: int = 1) -> RunProgress:
+        h, w = settings["height"], settings["width"]
+        sizes = [(8 * lw, 8 * lh) for lh, lw in scale_sizes(h, w, self.base)]
+        evals = scale_evals(self.configs.unet, h, w, settings["stride"], settings["steps"])
+        return RunProgress(sizes, evals, settings["steps"], first)
+
+    def run(self, settings: dict, cancel: threading.Event, resume: SavedScale | None = None
+            ) -> Iterator[Loading | Step | Finished]:
+        """Generate (or continue `resume`) with the CLI's settings (seed None: drawn); the PNGs and latents go
+        to the output folder under the CLI's next number, 00001-<seed>.png, ..."""
+        settings = {**settings, "seed": cli.seed_of(settings)[0]}
+        n_scales = len(scale_sizes(settings["height"], settings["width"], self.base))
+        paths = cli.output_paths(cli.numbered(self.outputs, [settings["seed"]])[0], n_scales)
+        if resume is None:  # a resumed run's pictures were kept by the run it continues
+            for name, role in (("image", "input"), ("control_image", "control")):
+                if settings[name] is not None:
+                    settings[name] = str(self._keep_picture(Path(settings[name]), paths[-1], role))
+        kwargs = {metadata.SETTINGS[k]: v for k, v in settings.items() if k in metadata.SETTINGS and k != "prompt"}
+        # recorded as the CLI records them: the control picture by its path (it is handed over as pixels)
+        record = {k: settings[k] for k in ("control_image", "canny") if settings.get(k) is not None}
+        if resume is not None:  # a resumed run has its picture in its latents already; its images still name it
+            kwargs["image"], record["image"] = None, settings["image"]
+        if cancel.is_set():  # pressed while the request waited in the queue
+            raise Cancelled("cancelled before the run started")
+        yield from self.use(Adapters.of(settings))
+        try:  # the CLI's condition image: the picture, or its Canny edges at phase 1's size
+            cli.control(settings, kwargs, self.configs)
+        except cli.UserError as e:
+            raise RequestError("control_image", str(e)) from None
+        for ev in stream(self.pipe, settings["prompt"], {**kwargs, "resume": resume, "record": record}, cancel):
+            if isinstance(ev, Step):
+                yield ev
+                continue
+            path = paths[ev.scale - 1]
+            metadata.save_png(ev.image, path)  # the metadata iter_generate put in the image, as the CLI writes it
+            save_latents(latent_path(path), ev.saved())
+            yield Finished(ev.scale, path, latent_path(path), ev.image.size, ev.stats.get("seconds"), ev.settings)
+
+    def use(self, want: Adapters) -> Iterator[Loading]:
+        """Make `pipe` the checkpoint with `want`, loading it when another set is loaded. The loaded pipeline
+        is let go first, so that memory holds one model at a time; if `want` fails to load, the set before it
+        is loaded again and LoadError says both."""
+        if want == self.loaded:
+            return
+        yield Loading(want.describe())
+        previous, self.pipe, self.loaded = self.loaded, None, None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        try:
+            self.pipe, self.loaded = self._load(want), want
+        except Exception as e:
+            if previous is None:
+                raise
+            log.error("loading %s failed", want.describe(), exc_info=e)
+            try:
+                self.pipe, self.loaded = self._load(previous), previous
+            except Exception as again:
+                raise LoadError(f"{one_line(e)}; loading the set before it again failed too: "
+                                f"{one_line(again)}") from again
+            raise LoadError(f"{one_line(e)}; loaded {previous.describe()} again") from None
+
+    def _load(self, want: Adapters) -> Pipeline:
+        pipe = load(self.weights, device=self.device, dtype=self.dtype, loras=list(want.lora), vae=want.vae,
+                    embeddings=list(want.embedding), controlnet=list(want.controlnet))
+        pipe.model_info()  # the new files hashed now, as at start, not in the middle of the first scale
+        return pipe
+
+    def _keep_picture(self, picture: Path, out: Path, role: str) -> Path:
+        """A dropped-in picture beside the run's images (NNNNN-<seed>.input.png, .control.png), so that their
+        metadata names a file that stays."""
+        kept = out.with_name(f"{out.stem}.{role}{picture.suffix.lower() or '.png'}")
+        shutil.copyfile(picture, kept)
+        return kept.resolve()
+
+
+def _checked(field: str, check: Callable, *args):
+    """check(*args), its error as the RequestError of `field`, in one line."""
+    try:
+        return check(*args)
+    except (CheckpointError, ValueError, ImportError) as e:
+        raise RequestError(field, one_line(e)) from None
+
+
+def one_line(e: BaseException) -> str:
+    if is_out_of_memory(e):
+        return "out of memory"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
