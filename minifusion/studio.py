@@ -27,7 +27,7 @@ from .embeddings import PICKLE_SUFFIXES, load_embedding
 from .encode import base_scale_size, open_image
 from .files import SavedScale, latent_path, load_latents, save_latents
 from .lora import open_loras
-from .pipeline import NonFiniteError, Pipeline, Scale, check_request, load, resident
+from .pipeline import NonFiniteError, Pipeline, check_request, load, resident
 from .tiny import TINY
 from .tokenizer import Tokenizer
 from .vae_file import inspect_vae, vae_dtype_for
@@ -338,29 +338,22 @@ def error_line(e: BaseException, settings: dict) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'see the console'}"
 
 
-def stream(pipe: Pipeline, prompt: str, kwargs: dict, cancel: threading.Event) -> Iterator[Step | Scale]:
-    """iter_generate in a worker thread, so that every step reaches the page, not only the finished scales:
-    yields Step after each step and each Scale once decoded; raises what the run raised (Cancelled once `cancel`
-    is set). Leaving early cancels the run and waits for it, so the device is free when this returns."""
+def relay(work: Callable[[Callable], None], cancel: threading.Event) -> Iterator:
+    """work(put) in a thread of its own, so that every step reaches the page, not only the finished scales:
+    yields what it puts as it puts it, then raises what it raised. Leaving early cancels the work without
+    waiting for it (Gradio closes an abandoned run from its event loop, which must not block): the work holds
+    the device until it has stopped, so the run after it still waits."""
     events: queue.Queue = queue.Queue()
     end = object()
 
-    def on_step(scale, step, steps, evals):  # step 0: the scale begins
-        events.put(Step(scale, step, steps, evals))
-        if cancel.is_set():
-            raise Cancelled(f"cancelled after step {step}/{steps} of scale {scale}" if step else
-                            f"cancelled as scale {scale} began")
-
-    def work():
+    def target():
         try:
-            for scale in pipe.iter_generate(prompt, callback=on_step, **kwargs):
-                events.put(scale)
+            work(events.put)
             events.put(end)
         except BaseException as e:  # handed to the consumer, which raises it in the request's thread
             events.put(e)
 
-    worker = threading.Thread(target=work, name="minifusion-run", daemon=True)
-    worker.start()
+    threading.Thread(target=target, name="minifusion-run", daemon=True).start()
     try:
         while (ev := events.get()) is not end:
             if isinstance(ev, BaseException):
@@ -368,13 +361,14 @@ def stream(pipe: Pipeline, prompt: str, kwargs: dict, cancel: threading.Event) -
             yield ev
     finally:
         cancel.set()
-        worker.join()
 
 
 class Studio:
     """The loaded model and the output folder: runs a request, writing each scale's PNG and latents as the
     CLI does, loading the pipeline again first when the request asks for other LoRAs, VAE, embeddings or
-    ControlNet; keeps one cancel switch per browser session."""
+    ControlNet. One run at a time, whether the page or the API asked for it: each run's thread holds the device
+    slot from its first file to its last. Each run has its own cancel switch; a page session's is kept here
+    (`arm`, `cancel`) until its run is over or the page is closed."""
 
     def __init__(self, pipe: Pipeline, weights: Path, outputs: Path, folders: Folders | None = None,
                  skipped: Iterable[str] = ()):
@@ -387,7 +381,8 @@ class Studio:
         self.loaded: Adapters | None = Adapters.of(pipe.sources)  # None: no pipeline (the last loads failed)
         self.embeddings, self.skipped = list(pipe.sources["embedding"]), list(skipped)  # the folder's, for requests
         self.tokenizer = Tokenizer()
-        self._cancels: dict[str, threading.Event] = {}
+        self._slot = threading.Lock()
+        self._switches: dict[str, threading.Event] = {}  # page session -> its next or current run's switch
 
     def rescan(self) -> None:
         """The embeddings folder again (the other folders are read whenever the page lists them); a change
@@ -454,18 +449,28 @@ class Studio:
         check_resume(saved, height, width, self.base)
         return saved
 
-    def arm(self, token: str) -> threading.Event:
+    def arm(self, session: str) -> threading.Event:
         """A fresh cancel switch for the session's next run, made when its request is sent, so that cancel
         also withdraws a request still waiting in the queue."""
-        self._cancels[token] = threading.Event()
-        return self._cancels[token]
+        self._switches[session] = threading.Event()
+        return self._switches[session]
 
-    def cancel(self, token: str) -> None:
-        if token in self._cancels:
-            self._cancels[token].set()
+    def cancel(self, session: str) -> None:
+        if session in self._switches:
+            self._switches[session].set()
 
-    def switch(self, token: str | None) -> threading.Event:
-        return self._cancels.get(token) or self.arm(token or secrets.token_hex(8))
+    def switch(self, session: str | None) -> threading.Event:
+        return self._switches.get(session) or self.arm(session or secrets.token_hex(8))
+
+    def release(self, session: str, switch: threading.Event) -> None:
+        """The session's run is over: its switch goes, unless a newer request has armed another."""
+        if self._switches.get(session) is switch:
+            del self._switches[session]
+
+    def forget(self, session: str | None) -> None:
+        """The page is closed: its run, queued or running, has no one left to show it to."""
+        if (switch := self._switches.pop(session, None)) is not None:
+            switch.set()
 
     def progress(self, settings: dict, first: int = 1) -> RunProgress:
         h, w = settings["height"], settings["width"]
@@ -476,34 +481,47 @@ class Studio:
     def run(self, settings: dict, cancel: threading.Event, resume: SavedScale | None = None
             ) -> Iterator[Loading | Step | Finished]:
         """Generate (or continue `resume`) with the CLI's settings (seed None: drawn); the PNGs and latents go
-        to the output folder under the CLI's next number, 00001-<seed>.png, ..."""
-        settings = {**settings, "seed": cli.seed_of(settings)[0]}
-        n_scales = len(scale_sizes(settings["height"], settings["width"], self.base))
-        paths = cli.output_paths(cli.numbered(self.outputs, [settings["seed"]])[0], n_scales)
-        if resume is None:  # a resumed run's pictures were kept by the run it continues
-            for name, role in (("image", "input"), ("control_image", "control")):
-                if settings[name] is not None:
-                    settings[name] = str(self._keep_picture(Path(settings[name]), paths[-1], role))
-        kwargs = {metadata.SETTINGS[k]: v for k, v in settings.items() if k in metadata.SETTINGS and k != "prompt"}
-        # recorded as the CLI records them: the control picture by its path (it is handed over as pixels)
-        record = {k: settings[k] for k in ("control_image", "canny") if settings.get(k) is not None}
-        if resume is not None:  # a resumed run has its picture in its latents already; its images still name it
-            kwargs["image"], record["image"] = None, settings["image"]
-        if cancel.is_set():  # pressed while the request waited in the queue
-            raise Cancelled("cancelled before the run started")
-        yield from self.use(Adapters.of(settings))
-        try:  # the CLI's condition image: the picture, or its Canny edges at phase 1's size
-            cli.control(settings, kwargs, self.configs)
-        except cli.UserError as e:
-            raise RequestError("control_image", str(e)) from None
-        for ev in stream(self.pipe, settings["prompt"], {**kwargs, "resume": resume, "record": record}, cancel):
-            if isinstance(ev, Step):
-                yield ev
-                continue
-            path = paths[ev.scale - 1]
-            metadata.save_png(ev.image, path)  # the metadata iter_generate put in the image, as the CLI writes it
-            save_latents(latent_path(path), ev.saved())
-            yield Finished(ev.scale, path, latent_path(path), ev.image.size, ev.stats.get("seconds"), ev.settings)
+        to the output folder under the CLI's next number, 00001-<seed>.png, ... Setting `cancel` stops the run
+        after the step in progress (Cancelled); so does leaving the iteration early."""
+        return relay(lambda put: self._run(settings, cancel, resume, put), cancel)
+
+    def _run(self, settings: dict, cancel: threading.Event, resume: SavedScale | None, put: Callable) -> None:
+        with self._slot:  # the file numbers too: two runs would pick the same one
+            if cancel.is_set():  # pressed while the request waited in the queue
+                raise Cancelled("cancelled before the run started")
+            settings = {**settings, "seed": cli.seed_of(settings)[0]}
+            n_scales = len(scale_sizes(settings["height"], settings["width"], self.base))
+            paths = cli.output_paths(cli.numbered(self.outputs, [settings["seed"]])[0], n_scales)
+            if resume is None:  # a resumed run's pictures were kept by the run it continues
+                for name, role in (("image", "input"), ("control_image", "control")):
+                    if settings[name] is not None:
+                        settings[name] = str(self._keep_picture(Path(settings[name]), paths[-1], role))
+            kwargs = {metadata.SETTINGS[k]: v for k, v in settings.items()
+                      if k in metadata.SETTINGS and k != "prompt"}
+            # recorded as the CLI records them: the control picture by its path (it is handed over as pixels)
+            record = {k: settings[k] for k in ("control_image", "canny") if settings.get(k) is not None}
+            if resume is not None:  # a resumed run has its picture in its latents already; its images still name it
+                kwargs["image"], record["image"] = None, settings["image"]
+            for ev in self.use(Adapters.of(settings)):
+                put(ev)
+            try:  # the CLI's condition image: the picture, or its Canny edges at phase 1's size
+                cli.control(settings, kwargs, self.configs)
+            except cli.UserError as e:
+                raise RequestError("control_image", str(e)) from None
+
+            def on_step(scale, step, steps, evals):  # step 0: the scale begins
+                put(Step(scale, step, steps, evals))
+                if cancel.is_set():
+                    raise Cancelled(f"cancelled after step {step}/{steps} of scale {scale}" if step else
+                                    f"cancelled as scale {scale} began")
+
+            for scale in self.pipe.iter_generate(settings["prompt"], callback=on_step, resume=resume, record=record,
+                                                 **kwargs):
+                path = paths[scale.scale - 1]
+                metadata.save_png(scale.image, path)  # the metadata iter_generate put in the image, as the CLI does
+                save_latents(latent_path(path), scale.saved())
+                put(Finished(scale.scale, path, latent_path(path), scale.image.size, scale.stats.get("seconds"),
+                             scale.settings))
 
     def use(self, want: Adapters) -> Iterator[Loading]:
         """Make `pipe` the checkpoint with `want`, loading it when another set is loaded. The loaded pipeline

@@ -26,6 +26,7 @@ those folders):
                                                           lora=["style.safetensors:0.8"], api_name="/generate")
 """
 import argparse
+import asyncio
 import html
 import ipaddress
 import logging
@@ -100,7 +101,9 @@ def build_app(studio: Studio):
     import gradio as gr
 
     with gr.Blocks(title="minifusion", delete_cache=(86400, 86400)) as demo:
-        page = Page(token=gr.State(),  # one per page load (set by demo.load below): whose run the cancel button stops
+        # one token per page load: whose run the cancel button stops; a closed page's run is cancelled (a
+        # function, not the bound method: Gradio deep-copies its config, and the method would copy the model)
+        page = Page(token=gr.State(lambda: secrets.token_hex(8), delete_callback=lambda t: studio.forget(t)),
                     last=gr.State(None),  # the last finished scale: {"latents", "gallery", "before"}
                     picked=gr.State([]))  # the LoRAs the weight sliders are showing, in order
         gr.Markdown(f"## minifusion · DemoFusion on SDXL\n{studio.weights.name} on {studio.device} "
@@ -300,9 +303,12 @@ def _run_events(studio: Studio, page: Page, demo) -> None:
         if values["random_seed"]:
             settings["seed"] = None
         settings["seed"] = cli.seed_of(settings)[0]  # drawn here, so the page shows it
-        before = settings["image"]
-        yield from _show(page, studio.run(settings, studio.switch(token)),
-                         studio.progress(settings, 1 if before is None else 2), settings, [], before)
+        before, switch = settings["image"], studio.switch(token)
+        try:
+            yield from _show(page, studio.run(settings, switch), studio.progress(settings, 1 if before is None else 2),
+                             settings, [], before)
+        finally:
+            studio.release(token, switch)
 
     def validate_continue(token, last, width, height):
         try:
@@ -317,13 +323,16 @@ def _run_events(studio: Studio, page: Page, demo) -> None:
         # its own settings, LoRAs, VAE, ... and control image included: the pipeline reloads if need be
         settings = settings_from(saved.settings, studio.base, studio.window)
         settings.update(height=int(height), width=int(width))
-        yield from _show(page, studio.run(settings, studio.switch(token), saved),
-                         studio.progress(settings, saved.scale + 1), settings, list(last["gallery"]), last["before"])
+        switch = studio.switch(token)
+        try:
+            yield from _show(page, studio.run(settings, switch, saved), studio.progress(settings, saved.scale + 1),
+                             settings, list(last["gallery"]), last["before"])
+        finally:
+            studio.release(token, switch)
 
     def arm(token):
         studio.arm(token)
 
-    demo.load(lambda: secrets.token_hex(8), None, page.token, queue=False, api_visibility="private")
     page.run_button.click(arm, page.token, None, queue=False, api_visibility="private").then(
         page_generate, [page.token, *fields.values()], page.outputs, validator=validate,
         show_progress_on=[page.progress], api_visibility="private", **DEVICE)
@@ -409,7 +418,7 @@ def _api(studio: Studio) -> None:
     import gradio as gr
     from gradio import FileData
 
-    def api_generate(prompt: str, negative: str = "", width: int | None = None, height: int | None = None,
+    async def api_generate(prompt: str, negative: str = "", width: int | None = None, height: int | None = None,
                      steps: int = 50, guidance: float = 7.5, seed: int | None = None, scheduler: str = "ddim",
                      view_batch: int | None = None, stride: int | None = None, c1: float = 3.0, c2: float = 1.0,
                      c3: float = 1.0, sigma: float = 0.8, tiled_decode: bool = True, jitter: bool = True,
@@ -431,11 +440,17 @@ def _api(studio: Studio) -> None:
         except ValueError as e:
             raise gr.Error(str(e), print_exception=False) from None
         try:
-            settings = studio.settings(values)
+            settings = await asyncio.to_thread(studio.settings, values)
         except RequestError as e:
             raise gr.Error(str(e), print_exception=False) from None
+        cancel = threading.Event()
+        run = asyncio.ensure_future(asyncio.to_thread(_finished, studio.run(settings, cancel)))
         try:
-            done = [ev for ev in studio.run(settings, threading.Event()) if isinstance(ev, Finished)]
+            done = await asyncio.shield(run)
+        except asyncio.CancelledError:  # the client cancelled: the run stops after its step, holding the queue
+            cancel.set()                # until then, so that the next request does not share the device with it
+            await asyncio.gather(run, return_exceptions=True)
+            raise
         except Exception as e:
             log.error("the run failed", exc_info=e)
             raise gr.Error(error_line(e, settings), print_exception=False) from None
@@ -445,6 +460,10 @@ def _api(studio: Studio) -> None:
                      "latents": str(ev.latents)} for ev in done]})
 
     gr.api(api_generate, api_name="generate", **DEVICE)
+
+
+def _finished(events: Iterator) -> list[Finished]:
+    return [ev for ev in events if isinstance(ev, Finished)]
 
 
 CSS = """

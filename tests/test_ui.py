@@ -13,19 +13,16 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
-from helpers import write_adapters
+from helpers import serving, start_ui, stop, wait_for, write_adapters
 from PIL import Image
 from safetensors.torch import save_file
 from selenium import webdriver
@@ -33,8 +30,8 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
-from minifusion import studio, ui
-from minifusion.files import SavedScale, load_latents
+from minifusion import ui
+from minifusion.files import load_latents
 from minifusion.metadata import parse_a1111
 from minifusion.pipeline import check_request
 from minifusion.tiny import TINY, random_models, write_single_file
@@ -45,15 +42,6 @@ FAST = {"steps": 2, "seed": 7}
 needs_browser = pytest.mark.skipif(not (CHROMIUM.exists() and DRIVER.exists()),
                                    reason="needs Debian's chromium and chromium-driver (/usr/bin/chromium, "
                                    "/usr/bin/chromedriver): apt-get install chromium chromium-driver")
-
-
-def wait_for(condition, timeout: float, what: str, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def metadata(png: Path) -> dict:
@@ -85,194 +73,13 @@ def test_size_presets_are_valid_requests_of_the_named_sizes():
             check_request(base, base // 8, h, w, stride=base // 16)
 
 
-@pytest.mark.parametrize("values,field,message", [
-    ({"width": 500}, "width", "width 500 is not a multiple of 8; pick e.g. 496"),
-    ({"width": 128, "height": 128}, "size", "below this model's base size"),
-    ({"steps": 0}, "steps", "num_inference_steps 0 is invalid"),
-    ({"sigma": 0}, "sigma", "sigma 0 is invalid"),
-    ({"stride": 33}, "stride", "stride 33 is invalid; it must be an integer from 1 to the window size, 32"),
-    ({"max_memory": "lots"}, "max_memory", "'lots' is not a memory size"),
-    ({"prompt": "  "}, "prompt", "no prompt given"),
-])
-def test_bad_requests_name_the_field_with_the_clis_message(values, field, message):
-    with pytest.raises(studio.RequestError, match=message) as err:
-        studio.check(studio.settings_from({"prompt": "a fox", **values}, BASE, WINDOW), BASE, WINDOW)
-    assert err.value.field == field
-
-
-def test_settings_are_the_clis_with_its_defaults():
-    s = studio.settings_from({"prompt": " a fox ", "negative": "", "width": None, "view_batch": None,
-                          "max_memory": "1.5", "random_seed": True}, BASE, WINDOW)
-    assert s == {"prompt": "a fox", "negative": None, "height": 512, "width": 512, "steps": 50, "guidance": 7.5,
-                 "seed": None, "scheduler": "ddim", "stride": 16, "view_batch": None, "c1": 3.0, "c2": 1.0,
-                 "c3": 1.0, "sigma": 0.8, "tiled_decode": True, "jitter": True, "image": None,
-                 "max_memory": 3 * 2**29, "control_image": None, "control_scale": 1.0, "control_start": 0.0,
-                 "control_end": 1.0, "guess_mode": False, "lora": [], "vae": None, "embedding": [],
-                 "controlnet": [], "canny": False}
-    studio.check(s, BASE, WINDOW)
-
-
-def test_a_missing_side_follows_the_pictures_aspect(tmp_path):
-    Image.new("RGB", (300, 200)).save(tmp_path / "p.png")
-    s = studio.settings_from({"prompt": "a fox", "image": str(tmp_path / "p.png")}, BASE, WINDOW)
-    assert (s["width"], s["height"]) == (512, 344)
-    with pytest.raises(studio.RequestError, match="does not have the input image's aspect") as err:
-        studio.check({**s, "width": 512, "height": 512}, BASE, WINDOW)
-    assert err.value.field == "size"
-
-
-def test_continuing_must_add_scales_at_the_same_aspect():
-    saved = SavedScale(2, torch.zeros(1, 4, 64, 64), 0.0, 1.0, None, {})  # scale 2 of a 512x512 run
-    studio.check_resume(saved, 768, 768, BASE)
-    with pytest.raises(studio.RequestError, match="already reached scale 2; ask for a larger size"):
-        studio.check_resume(saved, 512, 512, BASE)
-    with pytest.raises(studio.RequestError, match="latents are 64x64, but a 1024x768 run has 64x48 there; keep the aspect"):
-        studio.check_resume(saved, 768, 1024, BASE)
-
-
-def test_the_eta_from_unet_evaluations_done_and_left():
-    p = studio.RunProgress([(168, 256), (336, 512), (512, 768)], [4, 100, 300], steps=2, started=10.0)
-    assert p.eta(now=11.0) is None and "ETA: after the first step" in p.html()
-    p.step(studio.Step(1, 2, 2, 4))
-    assert p.eta(now=12.0) == pytest.approx(2.0 * 400 / 4)
-    p.step(studio.Step(2, 1, 2, 50))
-    assert p.eta(now=20.0) == pytest.approx(10.0 * 350 / 54)
-    # continuing from scale 2: only scale 3's evaluations are left to do
-    q = studio.RunProgress([(168, 256), (336, 512), (512, 768)], [4, 100, 300], steps=2, first=3, started=0.0)
-    q.step(studio.Step(3, 1, 2, 150))
-    assert q.eta(now=3.0) == pytest.approx(3.0) and "from the run continued" in q.html()
-
-
-def test_cancel_stops_after_the_current_step_and_keeps_finished_scales(tiny_pipe):
-    """Also: the ETA's count of UNet evaluations per scale is the one the run reports."""
-    cancel = threading.Event()
-    seen = []
-    # cancel pressed once scale 2's first step is reported: the step then in progress (the second, or the
-    # third if it had already begun) is the last
-    with pytest.raises(studio.Cancelled, match="cancelled after step [23]/4 of scale 2") as stopped:
-        for ev in studio.stream(tiny_pipe, "a fox", {"height": 384, "width": 512, "num_inference_steps": 4}, cancel):
-            seen.append(ev)
-            if isinstance(ev, studio.Step) and ev.scale == 2 and ev.step == 1:
-                cancel.set()
-    last = int(str(stopped.value).split()[3][0])
-    steps = [e for e in seen if isinstance(e, studio.Step)]
-    assert [(e.scale, e.step) for e in steps] == [(1, i) for i in range(5)] + [(2, i) for i in range(last + 1)]
-    assert [e.scale for e in seen if not isinstance(e, studio.Step)] == [1]
-    per_scale = studio.scale_evals(TINY.unet, 384, 512, WINDOW // 2, 4)
-    assert per_scale[0] == steps[4].evals and per_scale[1] == 4 * steps[6].evals == 4 * steps[-1].evals / last
-
-
-def test_a_runs_error_is_one_line_as_the_cli_words_it():
-    settings = {"width": 4096, "height": 4096}
-    oom = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
-    assert studio.error_line(oom, settings) == ("out of memory even with one view per UNet call at 4096x4096; choose a "
-                                            "smaller size or set a memory budget in the advanced settings")
-    assert studio.error_line(ValueError("a.png: not an image\nmore"), settings) == "a.png: not an image"
-    assert studio.error_line(KeyError("x"), settings) == "KeyError: 'x'"
-
-
 def test_only_loopback_addresses_stay_off_the_network():
     assert not any(map(ui.reachable_from_network, ["127.0.0.1", "::1", "localhost", "127.0.1.1"]))
     assert all(map(ui.reachable_from_network, ["0.0.0.0", "::", "192.168.1.5", "myhost.local"]))
 
 
-def test_the_folders_beside_the_checkpoint_list_what_there_is_to_pick(tmp_path):
-    weights = tmp_path / "sdxl.safetensors"
-    weights.touch()
-    for name in ("loras/a.safetensors", "loras/styles/B.safetensors", "loras/.hidden.safetensors", "loras/notes.txt",
-                 "vae/fix.safetensors", "vae/fp16-fix/config.json"):
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).touch()
-    folders = studio.Folders.beside(weights)
-    assert folders.lora == tmp_path / "loras" and folders.controlnet == tmp_path / "controlnet"
-    assert folders.entries("lora") == ["a.safetensors", "styles/B.safetensors"]
-    assert folders.entries("vae") == ["fix.safetensors", "fp16-fix"]
-    assert folders.entries("controlnet") == []  # no such folder
-    assert folders.path("lora", "styles/B.safetensors") == str(tmp_path / "loras" / "styles" / "B.safetensors")
-    for name, message in (("../sdxl.safetensors", "not in the LoRA folder"), (str(weights), "not in the LoRA folder"),
-                          ("c.safetensors", "no such LoRA in")):
-        with pytest.raises(studio.RequestError, match=message) as err:
-            folders.path("lora", name)
-        assert err.value.field == "lora"
-    # a diffusers checkpoint's vae/ is its own VAE, not a list of them
-    (tmp_path / "unet").mkdir()
-    (tmp_path / "vae" / "config.json").touch()
-    assert studio.Folders.beside(tmp_path).entries("vae") == ["fp16-fix"]
-    assert studio.Folders.beside(tmp_path, lora=tmp_path / "vae").lora == tmp_path / "vae"
-
-
-def test_embeddings_that_do_not_load_are_skipped_with_a_line_each(tmp_path, tiny_pipe):
-    folder = tmp_path / "embeddings"
-    (folder / "x").mkdir(parents=True)
-    vectors = {"clip_l": torch.zeros(2, 64), "clip_g": torch.zeros(2, 128)}
-    save_file(vectors, str(folder / "neggy.safetensors"))
-    save_file(vectors, str(folder / "x" / "Neggy.safetensors"))  # the same word: prompts are lowercased
-    save_file({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(2, 1280)}, str(folder / "full_size.safetensors"))
-    (folder / "old.pt").write_bytes(b"pickle")
-    usable, skipped = studio.Folders.beside(tmp_path).embeddings(TINY, tiny_pipe.tokenizer.encode)
-    assert usable == [str(folder / "neggy.safetensors")]
-    assert len(skipped) == 3 and all("\n" not in line for line in skipped)
-    assert "full_size.safetensors: clip_l is 2 x 768, not n x 64" in skipped[0]
-    assert "old.pt: a pickled embedding" in skipped[1]
-    assert "x/Neggy.safetensors: the same word as neggy.safetensors" in skipped[2]
-
-
-def test_another_set_loads_the_pipeline_again_and_one_that_fails_leaves_the_one_before(tmp_path, tiny_pipe,
-                                                                                   monkeypatch):
-    """A reload lets the loaded pipeline go first; when the new set fails, the set before it is loaded again."""
-    loaded = []
-
-    class Loaded:
-        def model_info(self):
-            return {}
-
-    def fake_load(path, device, dtype, loras, vae, embeddings, controlnet):
-        loaded.append((loras, vae))
-        if vae == "broken.safetensors":
-            raise studio.CheckpointError("broken.safetensors: truncated\nmore")
-        return Loaded()
-
-    monkeypatch.setattr(studio, "load", fake_load)
-    st = studio.Studio(tiny_pipe, Path("tiny.safetensors"), tmp_path)
-    assert st.loaded == studio.Adapters() and list(st.use(studio.Adapters())) == [] and st.pipe is tiny_pipe
-    styled = studio.Adapters(lora=(("/w/loras/style.safetensors", 0.7),), controlnet=("/w/controlnet/cn",))
-    assert list(st.use(styled)) == [studio.Loading("LoRA style.safetensors at 0.7, ControlNet cn")]
-    assert isinstance(st.pipe, Loaded) and st.loaded == styled
-    with pytest.raises(studio.LoadError, match=r"^broken.safetensors: truncated; loaded LoRA style.safetensors at 0.7, "
-                       r"ControlNet cn again$"):
-        list(st.use(studio.Adapters(vae="broken.safetensors")))
-    assert st.loaded == styled and isinstance(st.pipe, Loaded)
-    assert loaded == [([("/w/loras/style.safetensors", 0.7)], None), ([], "broken.safetensors"),
-                      ([("/w/loras/style.safetensors", 0.7)], None)]
-
-
-def test_a_control_image_goes_with_a_controlnet_and_a_broken_vae_is_one_line(tmp_path, tiny_pipe):
-    (tmp_path / "controlnet" / "cn").mkdir(parents=True)
-    (tmp_path / "vae").mkdir()
-    (tmp_path / "vae" / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
-    Image.new("RGB", (64, 64)).save(tmp_path / "edges.png")
-    st = studio.Studio(tiny_pipe, tmp_path, tmp_path)
-    fox = {"prompt": "a fox", "height": 256, "width": 512}
-    for values, field, message in (
-            ({"controlnet": "cn"}, "control_image", "the ControlNet cn needs a control image"),
-            ({"control_image": str(tmp_path / "edges.png")}, "controlnet", "a control image steers a ControlNet"),
-            ({"controlnet": "cn", "control_image": str(tmp_path / "edges.png"), "control_start": 0.5,
-              "control_end": 0.5}, "control_end", "from 0.5 to 0.5 of each scale's steps; it needs 0 <= start < end"),
-            ({"controlnet": "cn", "control_image": str(tmp_path / "edges.png")}, "controlnet", "cn: no ControlNet"),
-            ({"lora": [("style.safetensors", 1.0)]}, "lora", "style.safetensors: no such LoRA in"),
-            ({"vae": "broken.safetensors"}, "vae", "broken.safetensors: ")):
-        with pytest.raises(studio.RequestError, match=message) as err:
-            st.settings({**fox, **values})
-        assert err.value.field == field and "\n" not in str(err.value)
-
 
 # ----------------------------------------------------------------------------------------------- the app
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def cli_run(env, out: Path, *flags) -> subprocess.Popen:
     """The CLI making `out` in the background (the settings of the page's runs by default)."""
@@ -306,26 +113,12 @@ def app(tmp_path_factory):
                 "picture": root / "square.png"}
     write_adapters(*adapters.values())
     given = sorted(p for p in folder.rglob("*") if p.is_file())
-    port = free_port()
     log = root / "app.log"
     # one torch thread each: the app and the CLI's reference runs side by side, and on busy cores a thread
     # waiting at an OpenMP barrier for a descheduled one stalls a whole step
     env = {**os.environ, "TMPDIR": str(tmp), "HOME": str(home), "OMP_NUM_THREADS": "1"}
     env.pop("GRADIO_TEMP_DIR", None)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "minifusion.ui", "--weights", str(weights), "--port", str(port),
-                                 "--device", "cpu", "--dtype", "float32"], cwd=work, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-
-    def up():
-        if proc.poll() is not None:
-            raise AssertionError(f"the app exited ({proc.returncode}):\n{log.read_text()}")
-        try:
-            return urllib.request.urlopen(url, timeout=2).status == 200
-        except OSError:
-            return False
-
+    proc, url = start_ui(weights, work, log, env)
     try:
         # while the app starts: the CLI's pictures for the settings of the page's first run and of its run with
         # LoRA, VAE and ControlNet (the embedding loads in both, as the app loads it at start)
@@ -337,17 +130,12 @@ def app(tmp_path_factory):
                         "--control-scale", "0.8")]
         for run in runs:
             finish(run)
-        wait_for(up, 90, "the app to serve", every=0.2)
+        serving(proc, url, log)
         yield {"url": url, "proc": proc, "weights": weights, "root": root, "work": work, "outputs": work / "outputs",
                "tmp": tmp, "home": home, "log": log, "cli_png": reference, "cli_adapted": adapted, "env": env,
                "given": given, **adapters}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 @pytest.fixture(scope="module")
