@@ -8,14 +8,16 @@ import logging
 import os
 import queue
 import secrets
-import shutil
 import threading
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
+from PIL import Image
 
 from . import __main__ as cli
 from . import memory, metadata
@@ -148,6 +150,103 @@ class Adapters:
         return ", ".join(parts) or "the checkpoint alone"
 
 
+# What this server decodes for its clients: the formats browsers and cameras write. Pillow reads many more
+# (EPS, say, by running Ghostscript), none worth their risk on a server.
+PICTURE_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF")
+# 16 and 32 bits a channel: open_image goes through float64 arrays, ~30 bytes a pixel at the peak where 8-bit
+# pictures take 12 (RGB) to 20 (RGBA); such pictures get a third of the pixel limit, so that no decode costs more
+DEEP_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+MODES = DEEP_MODES | {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+ORIENTATION = 0x0112  # EXIF: 5 to 8 turn the picture a quarter, swapping its sides
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A client's picture, its header read: a file in the upload folder."""
+    path: Path
+    size: tuple[int, int]  # (width, height) upright, as open_image returns it
+    field: str  # the setting it was given for, whose errors it raises
+
+    @property
+    def name(self) -> str:
+        """What messages call it: the name the client gave the file (Gradio keeps it), not where it lies."""
+        return self.path.name
+
+
+class Uploads:
+    """The one way a client's file is opened. A client names files (the picture to upscale, the control image),
+    but only those uploaded to this server are read: files in Gradio's upload folder, which is this server's
+    own. Anything else is refused in the same words whether or not it exists, so replies tell nothing of the
+    server's disk. A picture's header is read before any pixel: its format, mode and pixel count; a decode holds
+    at most `max_pixels` (a third of it at 16 or 32 bits a channel), and at most `decodes` run at once, as the
+    size probe, the Canny preview and validation answer outside the generation queue."""
+
+    def __init__(self, folder: Path, max_pixels: int, decodes: int = 2):
+        self.folder = Path(os.path.realpath(folder))
+        self.max_pixels = max_pixels
+        self._decoding = threading.BoundedSemaphore(decodes)
+
+    def open(self, given, field: str) -> Upload:
+        """The picture a client named (a path, or a FileData dict holding one) from its header, else
+        RequestError."""
+        path = given.get("path") if isinstance(given, dict) else given
+        real = Path(os.path.realpath(path)) if isinstance(path, str) and path else None
+        # is_file after the folder check: a path outside it is not even looked at
+        if real is None or not real.is_relative_to(self.folder) or not real.is_file():
+            shown = Path(path).name if isinstance(path, str) else type(path).__name__
+            raise RequestError(field, f"{shown}: not a picture uploaded to this server; upload it")
+        with self._header(Upload(real, (0, 0), field)) as img:
+            return Upload(real, img.size[::-1] if _turned(img) else img.size, field)
+
+    @contextmanager
+    def decoded(self, upload: Upload, fit: tuple[int, int] | None = None) -> Iterator[Image.Image]:
+        """The picture's pixels as open_image makes them (8-bit RGB, upright) while the block runs, one of the
+        few decodes allowed at a time. A JPEG is decoded at the smallest of 1, 1/2, 1/4, 1/8 of its size that
+        is still at least fit = (width, height): libjpeg's own scaling, no full-size pixels made first."""
+        with self._decoding, self._header(upload) as img:
+            if fit is not None and img.format == "JPEG":
+                img.draft(img.mode, fit[::-1] if _turned(img) else fit)
+            try:
+                picture = open_image(img, upload.name)
+            except ValueError as e:  # ImageError
+                raise RequestError(upload.field, str(e)) from None
+            yield picture
+
+    @contextmanager
+    def _header(self, upload: Upload) -> Iterator[Image.Image]:
+        """The picture opened (its header read, no pixels), if this server decodes it."""
+        name, field = upload.name, upload.field
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the pixel limit below is lower
+                img = Image.open(upload.path, formats=PICTURE_FORMATS)
+        except Image.DecompressionBombError:
+            raise RequestError(field, f"{name}: over Pillow's limit of {Image.MAX_IMAGE_PIXELS} pixels") from None
+        except (OSError, SyntaxError, ValueError):  # UnidentifiedImageError included
+            raise RequestError(field, f"{name}: not a picture this server reads ({', '.join(PICTURE_FORMATS)})"
+                               ) from None
+        with img:
+            w, h = img.size
+            deep = img.mode in DEEP_MODES
+            limit = self.max_pixels // 3 if deep else self.max_pixels
+            if img.mode not in MODES:
+                raise RequestError(field, f"{name}: its pixels are {img.mode}, which this server does not read")
+            if w * h > limit:
+                raise RequestError(field, f"{name}: {w}x{h} is more than this server decodes, "
+                                   f"{limit / 1e6:.1f} million pixels" + (" at 16 or 32 bits a channel" if deep
+                                                                          else "") + "; make it smaller")
+            yield img
+
+
+def _turned(img: Image.Image) -> bool:
+    """Whether the picture's EXIF turns it a quarter (its sides swap when shown), from its header alone: a PNG
+    whose EXIF comes after its pixels would be decoded whole to find it, so that one counts as upright (a size
+    that then disagrees is refused by the run, in one line)."""
+    if img.format == "PNG" and "exif" not in img.info:
+        return False
+    return img.getexif().get(ORIENTATION) in (5, 6, 7, 8)
+
+
 @dataclass(frozen=True)
 class Step:
     scale: int
@@ -174,20 +273,17 @@ class Finished:
 def settings_from(values: dict, base: int, window: int) -> dict:
     """The CLI's settings (its names, meanings and defaults) from the page's or the API's values: blank
     optional fields take the CLI's defaults, a blank negative prompt means none (zero embeddings), and with a
-    picture a missing side follows its aspect. LoRAs, VAE, embeddings and ControlNets as paths (Studio.settings
-    finds them in their folders)."""
+    picture (an Upload) a missing side follows its aspect. LoRAs, VAE, embeddings and ControlNets as paths
+    (Studio.settings finds them in their folders)."""
     names = (*metadata.SETTINGS, *ADAPTERS, *metadata.CLI_SETTINGS)
     settings = {k: cli.DEFAULTS.get(k) for k in names}
     settings.update({k: v for k, v in values.items() if k in names and v is not None and v != ""})
     settings["prompt"] = (values.get("prompt") or "").strip()
     settings["negative"] = values.get("negative") or None
     if settings["image"] is not None and None in (settings["height"], settings["width"]):
-        try:  # as the CLI's --image: a missing side follows the picture's aspect
-            picture = open_image(settings["image"])
-            settings["height"], settings["width"] = base_scale_size(
-                picture.width, picture.height, base, settings["height"], settings["width"]).final
-        except ValueError as e:  # ImageError included
-            raise RequestError("image", str(e)) from None
+        # as the CLI's --image: a missing side follows the picture's aspect
+        settings["height"], settings["width"] = base_scale_size(*settings["image"].size, base, settings["height"],
+                                                                settings["width"]).final
     settings["height"] = settings["height"] or 2 * base
     settings["width"] = settings["width"] or 2 * base
     settings["stride"] = settings["stride"] or window // 2
@@ -202,7 +298,7 @@ def settings_from(values: dict, base: int, window: int) -> dict:
 
 def check(settings: dict, base: int, window: int) -> None:
     """RequestError, with the CLI's message, for what the CLI refuses: a seed, what check_request refuses, a
-    picture that cannot be read or whose aspect the size does not keep, a ControlNet's start after its end."""
+    picture whose aspect the size does not keep, a ControlNet's start after its end."""
     if not settings["prompt"]:
         raise RequestError("prompt", "no prompt given: type what to draw")
     try:
@@ -217,11 +313,7 @@ def check(settings: dict, base: int, window: int) -> None:
         raise request_error(e) from None
     if settings["image"] is not None:
         try:
-            picture = open_image(settings["image"])
-        except ValueError as e:  # ImageError
-            raise RequestError("image", str(e)) from None
-        try:
-            base_scale_size(picture.width, picture.height, base, settings["height"], settings["width"])
+            base_scale_size(*settings["image"].size, base, settings["height"], settings["width"])
         except ValueError as e:
             raise RequestError("size", str(e)) from None
     if settings["controlnet"]:
@@ -370,9 +462,9 @@ class Studio:
     slot from its first file to its last. Each run has its own cancel switch; a page session's is kept here
     (`arm`, `cancel`) until its run is over or the page is closed."""
 
-    def __init__(self, pipe: Pipeline, weights: Path, outputs: Path, folders: Folders | None = None,
+    def __init__(self, pipe: Pipeline, weights: Path, outputs: Path, uploads: Uploads, folders: Folders | None = None,
                  skipped: Iterable[str] = ()):
-        self.pipe, self.weights, self.outputs = pipe, weights, outputs
+        self.pipe, self.weights, self.outputs, self.uploads = pipe, weights, outputs, uploads
         self.folders = folders or Folders.beside(weights)
         # what requests are checked against and loaded with: `pipe` is let go while another set loads
         self.configs, self.device, self.dtype = pipe.configs, pipe.device, pipe.dtype
@@ -393,7 +485,8 @@ class Studio:
         """The request's settings, or RequestError for what the CLI refuses before it runs: LoRAs, VAE and
         ControlNet named as the page lists them (found in their folders) and checked as the CLI checks them,
         and a memory budget nothing fits in."""
-        settings = settings_from({**values, **self._paths(values)}, self.base, self.window)
+        pictures = {k: self.uploads.open(values[k], k) for k in ("image", "control_image") if values.get(k)}
+        settings = settings_from({**values, **pictures, **self._paths(values)}, self.base, self.window)
         check(settings, self.base, self.window)
         want = Adapters.of(settings)
         vae_file, nets = None, ()
@@ -406,11 +499,14 @@ class Studio:
                 vae_file = _checked("vae", inspect_vae, want.vae)
             nets = tuple(_checked("controlnet", inspect_controlnet, net, self.configs.unet)
                          for net in want.controlnet)
+        if settings["image"] is not None:
+            with self.uploads.decoded(settings["image"], fit=(1, 1)):  # truncated data shows when decoded
+                pass
         if settings["control_image"] is not None:
-            picture = _checked("control_image", open_image, settings["control_image"])
-            if settings["canny"]:
-                size = phase1_condition_size(settings["height"], settings["width"], self.base)
-                _checked("canny", canny, picture, size)
+            with self.uploads.decoded(settings["control_image"], (settings["width"], settings["height"])) as picture:
+                if settings["canny"]:
+                    size = phase1_condition_size(settings["height"], settings["width"], self.base)
+                    _checked("canny", canny, picture, size)
         if settings["max_memory"] is not None:
             # as the CLI plans it: with the ControlNets and the VAE asked for, not those loaded now
             extra = {"controlnets": tuple(net.config for net in nets),
@@ -495,7 +591,8 @@ class Studio:
             if resume is None:  # a resumed run's pictures were kept by the run it continues
                 for name, role in (("image", "input"), ("control_image", "control")):
                     if settings[name] is not None:
-                        settings[name] = str(self._keep_picture(Path(settings[name]), paths[-1], role))
+                        settings[name] = str(self._keep_picture(settings[name], paths[-1], role,
+                                                                (settings["width"], settings["height"])))
             kwargs = {metadata.SETTINGS[k]: v for k, v in settings.items()
                       if k in metadata.SETTINGS and k != "prompt"}
             # recorded as the CLI records them: the control picture by its path (it is handed over as pixels)
@@ -553,11 +650,13 @@ class Studio:
         pipe.model_info()  # the new files hashed now, as at start, not in the middle of the first scale
         return pipe
 
-    def _keep_picture(self, picture: Path, out: Path, role: str) -> Path:
-        """A dropped-in picture beside the run's images (NNNNN-<seed>.input.png, .control.png), so that their
-        metadata names a file that stays."""
-        kept = out.with_name(f"{out.stem}.{role}{picture.suffix.lower() or '.png'}")
-        shutil.copyfile(picture, kept)
+    def _keep_picture(self, picture: Upload, out: Path, role: str, fit: tuple[int, int]) -> Path:
+        """A dropped-in picture beside the run's images, as the run reads it: NNNNN-<seed>.input.png,
+        .control.png, so that their metadata names a file that stays. Re-encoded: a PNG whatever the client
+        sent, never the client's bytes under the client's suffix in a folder the app serves."""
+        kept = out.with_name(f"{out.stem}.{role}.png")
+        with self.uploads.decoded(picture, fit) as pixels:
+            pixels.save(kept, compress_level=1)  # a copy to rerun from: written fast rather than small
         return kept.resolve()
 
 

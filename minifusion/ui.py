@@ -4,10 +4,11 @@ A web UI (Gradio, the optional extra minifusion[ui]) to keep open all day. The m
 Requests queue: one generation on the device at a time, the queue position shown. Each scale's image appears
 as soon as it is decoded, with a progress bar per scale and an ETA for the whole run; "cancel" stops after the
 current step and keeps the finished scales; "continue to a larger size" resumes from the last finished scale
-(the CLI's --resume). Everything is written under the output folder: each scale's PNG with the CLI's metadata
-(`minifusion --settings-from` reads it) and its latents, numbered as the CLI numbers them (00001-<seed>.png,
-00001-<seed>.x1.png, ...), the pictures dropped in for image-to-image and as a control image, and Gradio's own
-cache (.gradio/); only the cache of the weights' hashes stays where the CLI keeps it (~/.cache/minifusion).
+(the CLI's --resume). What it keeps is written under the output folder: each scale's PNG with the CLI's
+metadata (`minifusion --settings-from` reads it) and its latents, numbered as the CLI numbers them
+(00001-<seed>.png, 00001-<seed>.x1.png, ...), and the pictures dropped in for image-to-image and as a control
+image, re-encoded as PNG; the caches of the weights' hashes and of the memory model stay where the CLI keeps them
+(~/.cache/minifusion). Uploads wait in a private temporary folder, removed when the server stops.
 
 Beside the checkpoint, in the folders loras/, vae/, embeddings/ and controlnet/ inside the weights folder (or
 next to the checkpoint file; --lora-dir, --vae-dir, --embeddings-dir, --controlnet-dir choose others): LoRAs
@@ -32,22 +33,26 @@ import ipaddress
 import logging
 import os
 import secrets
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
+from PIL import Image
+
 from . import __main__ as cli
 from .checkpoint import CheckpointError, inspect_checkpoint
 from .controlnet import canny, phase1_condition_size
-from .encode import base_scale_size, open_image
+from .encode import base_scale_size
 from .files import LatentFileError
 from .lora import parse_spec
 from .pipeline import DEFAULT_WEIGHTS, check_request, default_dtype, load
 from .schedulers import SCHEDULERS
 from .studio import (FOLDERS, MAX_LORAS, WHAT, Cancelled, Finished, Folders, Loading, RequestError, RunProgress,
-                     Step, Studio, duration, error_line, one_line, settings_from, shown_folder)
+                     Step, Studio, Uploads, duration, error_line, one_line, settings_from, shown_folder)
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("minifusion")
@@ -96,10 +101,11 @@ class Page:
 
 
 def build_app(studio: Studio):
-    """The page and the /generate endpoint. Gradio is imported here, after main() has pointed its cache into
-    the output folder (it reads GRADIO_TEMP_DIR when imported)."""
+    """The page and the /generate endpoint. Gradio is imported here, after main() has pointed its upload folder
+    at the server's own (it reads GRADIO_TEMP_DIR when imported)."""
     import gradio as gr
 
+    gr.set_static_paths([studio.outputs])  # the images are served from where they are, not copied for serving
     with gr.Blocks(title="minifusion", delete_cache=(86400, 86400)) as demo:
         # one token per page load: whose run the cancel button stops; a closed page's run is cancelled (a
         # function, not the bound method: Gradio deep-copies its config, and the method would copy the model)
@@ -161,10 +167,7 @@ def _settings_form(studio: Studio, page: Page) -> dict:
         fields["random_seed"] = gr.Checkbox(False, label="random seed", elem_id="random-seed")
         fields["scheduler"] = gr.Dropdown(list(SCHEDULERS), value="ddim", label="Scheduler", elem_id="scheduler")
     with gr.Accordion("Image to image: upscale a picture", open=False, elem_id="img2img"):
-        # image_mode None: the file as dropped, which open_image reads as the CLI does (Gradio's default
-        # converts it to RGB first, dropping transparency to black instead of white)
-        fields["image"] = gr.Image(type="filepath", label="Drop a picture: it replaces the base scale",
-                                   sources=["upload", "clipboard"], image_mode=None, elem_id="image")
+        fields["image"] = _picture_field(label="Drop a picture: it replaces the base scale", elem_id="image")
     with gr.Accordion("Advanced: DemoFusion's knobs", open=False, elem_id="advanced"):
         with gr.Row():
             fields["view_batch"] = gr.Number(0, label="View batch (0: 16, or the most the budget allows)",
@@ -180,6 +183,20 @@ def _settings_form(studio: Studio, page: Page) -> dict:
             fields["jitter"] = gr.Checkbox(True, label="window jitter", elem_id="jitter")
             fields["max_memory"] = gr.Textbox(label="Memory budget (e.g. 8GiB; blank: none)", elem_id="max-memory")
     return fields
+
+
+def _picture_field(**kwargs):
+    """An image field whose upload reaches the request unopened, as the path the client named: Gradio's Image
+    opens that file itself (its header, or a FIFO that never ends) where studio.Uploads is to be the only reader
+    of a client's files. Its preprocessing is replaced on the instance: for a subclass, Gradio would write a .pyi
+    stub beside this module."""
+    import gradio as gr
+
+    # image_mode None: the file as dropped, which open_image reads as the CLI does (Gradio's default converts it
+    # to RGB first, dropping transparency to black instead of white)
+    field = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"], **kwargs)
+    field.preprocess = lambda payload: None if payload is None else payload.path
+    return field
 
 
 def _adapters_form(studio: Studio, page: Page) -> dict:
@@ -208,8 +225,7 @@ def _adapters_form(studio: Studio, page: Page) -> dict:
         fields["controlnet"] = gr.Dropdown([NO_CONTROLNET, *nets], value=NO_CONTROLNET, label="ControlNet",
                                            info=f"in {shown_folder(folders.controlnet)}/", elem_id="controlnet")
         with gr.Row():
-            fields["control_image"] = gr.Image(type="filepath", label="Control image", height=260, image_mode=None,
-                                               sources=["upload", "clipboard"], elem_id="control-image")
+            fields["control_image"] = _picture_field(label="Control image", height=260, elem_id="control-image")
             page.canny_preview = gr.Image(label="Canny edges", interactive=False, visible=False, height=260,
                                           format="png", elem_id="canny-preview")
         with gr.Row():
@@ -303,7 +319,8 @@ def _run_events(studio: Studio, page: Page, demo) -> None:
         if values["random_seed"]:
             settings["seed"] = None
         settings["seed"] = cli.seed_of(settings)[0]  # drawn here, so the page shows it
-        before, switch = settings["image"], studio.switch(token)
+        before = None if settings["image"] is None else str(settings["image"].path)
+        switch = studio.switch(token)
         try:
             yield from _show(page, studio.run(settings, switch), studio.progress(settings, 1 if before is None else 2),
                              settings, [], before)
@@ -361,10 +378,10 @@ def _picker_events(studio: Studio, page: Page) -> None:
         if not path:
             return gr.skip(), gr.skip(), gr.skip()
         try:
-            picture = open_image(path)
-        except ValueError:
+            picture = studio.uploads.open(path, "image")
+        except RequestError:
             return gr.skip(), gr.skip(), gr.skip()
-        h, w = base_scale_size(picture.width, picture.height, base).final
+        h, w = base_scale_size(*picture.size, base).final
         return w, h, "custom"
 
     def pick_loras(names, before, *weights):
@@ -396,8 +413,10 @@ def _picker_events(studio: Studio, page: Page) -> None:
             return gr.skip()
         size = phase1_condition_size(int(height), int(width), base)
         try:
-            edges = canny(path, size)
-        except (ValueError, ImportError) as e:  # ImageError included
+            picture = studio.uploads.open(path, "control_image")
+            with studio.uploads.decoded(picture, (int(width), int(height))) as pixels:
+                edges = canny(pixels, size)
+        except (ValueError, ImportError) as e:  # RequestError included
             return gr.Image(value=None, visible=True, label=f"Canny edges: {one_line(e)}")
         return gr.Image(value=edges, visible=True, label=f"Canny edges, {size[1]}×{size[0]}")
 
@@ -433,8 +452,6 @@ def _api(studio: Studio) -> None:
         (gradio_client.handle_file); lora ["NAME:WEIGHT", ...], vae and controlnet by their names in the app's
         folders (as the page lists them), control_image the ControlNet's picture, canny its edges."""
         values = dict(locals())
-        for name in ("image", "control_image"):
-            values[name] = FileData.model_validate(values[name]).path if values[name] is not None else None
         try:
             values["lora"] = [parse_spec(spec) for spec in lora or []]
         except ValueError as e:
@@ -530,22 +547,33 @@ def main(argv=None) -> int:
     except OSError as e:
         print(f"error: --outputs {args.outputs}: cannot create it ({e.strerror or e})", file=sys.stderr)
         return 2
-    # Gradio keeps uploads and copies of the files it serves under GRADIO_TEMP_DIR, read when it is imported
-    os.environ["GRADIO_TEMP_DIR"] = str(outputs / ".gradio")
+    # Gradio keeps uploads (and what it makes to show, the Canny preview) under GRADIO_TEMP_DIR, read when it is
+    # imported: a folder of this server's own, outside the output folder it serves as it is, so that an upload
+    # is never served as the page it claims to be; removed when the server stops
+    uploads = Path(tempfile.mkdtemp(prefix="minifusion-uploads-"))
+    os.environ["GRADIO_TEMP_DIR"] = str(uploads)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    studio = Studio(pipe, args.weights, outputs, folders, skipped)
-    print(f"loaded {args.weights} on {device} ({str(dtype).replace('torch.', '')}) in "
-          f"{time.perf_counter() - started:.1f} s" + ("; the tiny random model: its images are noise"
-                                                      if studio.is_tiny else ""), file=sys.stderr)
-    demo = build_app(studio)
+    try:
+        studio = Studio(pipe, args.weights, outputs, Uploads(uploads, Image.MAX_IMAGE_PIXELS), folders, skipped)
+        print(f"loaded {args.weights} on {device} ({str(dtype).replace('torch.', '')}) in "
+              f"{time.perf_counter() - started:.1f} s" + ("; the tiny random model: its images are noise"
+                                                          if studio.is_tiny else ""), file=sys.stderr)
+        return serve(build_app(studio), args, outputs, uploads)
+    finally:
+        shutil.rmtree(uploads, ignore_errors=True)
+
+
+def serve(demo, args, outputs: Path, uploads: Path) -> int:
+    """Listen until Ctrl-C."""
     demo.queue(default_concurrency_limit=1)
     try:
-        _, url, _ = demo.launch(server_name=args.host, server_port=args.port, quiet=True, prevent_thread_lock=True,
-                                allowed_paths=[str(outputs)], css=CSS, footer_links=["api"])
+        demo.launch(server_name=args.host, server_port=args.port, quiet=True, prevent_thread_lock=True, css=CSS,
+                    footer_links=["api"])
     except OSError as e:
         print(f"error: cannot listen on {args.host}:{args.port} ({e}); choose another --port", file=sys.stderr)
         return 2
-    print(f"minifusion UI on http://{args.host}:{args.port}/ (outputs in {outputs})", file=sys.stderr)
+    print(f"minifusion UI on http://{args.host}:{args.port}/ (outputs in {outputs}, uploads in {uploads} while it "
+          "runs)", file=sys.stderr)
     if reachable_from_network(args.host):
         print(f"--host {args.host}: the UI is reachable from the network; anyone who can reach this machine on "
               f"port {args.port} can generate images and download what is in {outputs}", file=sys.stderr)
@@ -556,7 +584,6 @@ def main(argv=None) -> int:
     finally:
         demo.close()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

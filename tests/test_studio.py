@@ -1,6 +1,9 @@
 """The web UI's machinery without a browser or Gradio (minifusion.studio): turning a page's or an API's values
 into the CLI's settings and refusing bad ones under their field, the ETA, runs (one at a time, each with its own
 cancel switch), the folders beside the checkpoint and loading the pipeline again for another set of them."""
+import io
+import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -15,6 +18,23 @@ from minifusion.files import SavedScale
 from minifusion.tiny import TINY
 
 BASE, WINDOW = 256, 32  # the tiny model's
+MAX_PIXELS = 1024 * 1024
+
+
+def uploaded(folder: Path, name: str, picture: Image.Image | bytes, **save) -> str:
+    """A file as Gradio's upload route leaves it: in a folder of its own inside the upload folder."""
+    path = folder / f"{abs(hash(name)):x}" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(picture, bytes):
+        path.write_bytes(picture)
+    else:
+        picture.save(path, **save)
+    return str(path)
+
+
+@pytest.fixture
+def uploads(tmp_path) -> studio.Uploads:
+    return studio.Uploads(tmp_path / "uploads", MAX_PIXELS)
 
 
 @pytest.mark.parametrize("values,field,message", [
@@ -44,9 +64,9 @@ def test_settings_are_the_clis_with_its_defaults():
     studio.check(s, BASE, WINDOW)
 
 
-def test_a_missing_side_follows_the_pictures_aspect(tmp_path):
-    Image.new("RGB", (300, 200)).save(tmp_path / "p.png")
-    s = studio.settings_from({"prompt": "a fox", "image": str(tmp_path / "p.png")}, BASE, WINDOW)
+def test_a_missing_side_follows_the_pictures_aspect(uploads):
+    picture = uploads.open(uploaded(uploads.folder, "p.png", Image.new("RGB", (300, 200))), "image")
+    s = studio.settings_from({"prompt": "a fox", "image": picture}, BASE, WINDOW)
     assert (s["width"], s["height"]) == (512, 344)
     with pytest.raises(studio.RequestError, match="does not have the input image's aspect") as err:
         studio.check({**s, "width": 512, "height": 512}, BASE, WINDOW)
@@ -58,7 +78,8 @@ def test_continuing_must_add_scales_at_the_same_aspect():
     studio.check_resume(saved, 768, 768, BASE)
     with pytest.raises(studio.RequestError, match="already reached scale 2; ask for a larger size"):
         studio.check_resume(saved, 512, 512, BASE)
-    with pytest.raises(studio.RequestError, match="latents are 64x64, but a 1024x768 run has 64x48 there; keep the aspect"):
+    with pytest.raises(studio.RequestError,
+                       match="latents are 64x64, but a 1024x768 run has 64x48 there; keep the aspect"):
         studio.check_resume(saved, 768, 1024, BASE)
 
 
@@ -79,9 +100,9 @@ def fox(st: studio.Studio, **values) -> dict:
     return st.settings({"prompt": "a fox", "height": 384, "width": 512, "steps": 4, "seed": 5, **values})
 
 
-def test_cancel_stops_after_the_current_step_and_keeps_finished_scales(tiny_pipe, tiny_file, tmp_path):
+def test_cancel_stops_after_the_current_step_and_keeps_finished_scales(tiny_pipe, tiny_file, tmp_path, uploads):
     """Also: the ETA's count of UNet evaluations per scale is the one the run reports."""
-    st = studio.Studio(tiny_pipe, tiny_file, tmp_path)
+    st = studio.Studio(tiny_pipe, tiny_file, tmp_path, uploads)
     cancel = threading.Event()
     seen = []
     # cancel pressed once scale 2's first step is reported: the step then in progress (the second, or the
@@ -100,10 +121,11 @@ def test_cancel_stops_after_the_current_step_and_keeps_finished_scales(tiny_pipe
     assert per_scale[0] == steps[4].evals and per_scale[1] == 4 * steps[6].evals == 4 * steps[-1].evals / last
 
 
-def test_a_run_left_early_stops_and_the_next_waits_for_it(tiny_pipe, tiny_file, tmp_path, monkeypatch):
+def test_a_run_left_early_stops_and_the_next_waits_for_it(tiny_pipe, tiny_file, tmp_path, uploads,
+                                                          monkeypatch):
     """A consumer that goes away (a cancelled API call, a closed page) cancels its run without waiting for it;
     the run keeps the device until its step is over, so the next run starts after it, not beside it."""
-    st = studio.Studio(tiny_pipe, tiny_file, tmp_path)
+    st = studio.Studio(tiny_pipe, tiny_file, tmp_path, uploads)
     spans, generate = [], tiny_pipe.iter_generate
 
     def timed(*args, **kwargs):
@@ -126,8 +148,9 @@ def test_a_run_left_early_stops_and_the_next_waits_for_it(tiny_pipe, tiny_file, 
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["00001-5.x1.png", "00002-6.png"]
 
 
-def test_a_sessions_cancel_switch_lives_until_its_run_is_over_or_its_page_is_closed(tiny_pipe, tiny_file, tmp_path):
-    st = studio.Studio(tiny_pipe, tiny_file, tmp_path)
+def test_a_sessions_cancel_switch_lives_until_its_run_is_over_or_its_page_is_closed(tiny_pipe, tiny_file, tmp_path,
+                                                                                    uploads):
+    st = studio.Studio(tiny_pipe, tiny_file, tmp_path, uploads)
     armed = st.arm("page")
     assert st.switch("page") is armed
     st.release("page", armed)
@@ -194,7 +217,7 @@ def test_embeddings_that_do_not_load_are_skipped_with_a_line_each(tmp_path, tiny
 
 
 def test_another_set_loads_the_pipeline_again_and_one_that_fails_leaves_the_one_before(tmp_path, tiny_pipe,
-                                                                                   monkeypatch):
+                                                                                   uploads, monkeypatch):
     """A reload lets the loaded pipeline go first; when the new set fails, the set before it is loaded again."""
     loaded = []
 
@@ -209,7 +232,7 @@ def test_another_set_loads_the_pipeline_again_and_one_that_fails_leaves_the_one_
         return Loaded()
 
     monkeypatch.setattr(studio, "load", fake_load)
-    st = studio.Studio(tiny_pipe, Path("tiny.safetensors"), tmp_path)
+    st = studio.Studio(tiny_pipe, Path("tiny.safetensors"), tmp_path, uploads)
     assert st.loaded == studio.Adapters() and list(st.use(studio.Adapters())) == [] and st.pipe is tiny_pipe
     styled = studio.Adapters(lora=(("/w/loras/style.safetensors", 0.7),), controlnet=("/w/controlnet/cn",))
     assert list(st.use(styled)) == [studio.Loading("LoRA style.safetensors at 0.7, ControlNet cn")]
@@ -222,21 +245,122 @@ def test_another_set_loads_the_pipeline_again_and_one_that_fails_leaves_the_one_
                       ([("/w/loras/style.safetensors", 0.7)], None)]
 
 
-def test_a_control_image_goes_with_a_controlnet_and_a_broken_vae_is_one_line(tmp_path, tiny_pipe):
+def test_a_control_image_goes_with_a_controlnet_and_a_broken_vae_is_one_line(tmp_path, tiny_pipe, uploads):
     (tmp_path / "controlnet" / "cn").mkdir(parents=True)
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae" / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
-    Image.new("RGB", (64, 64)).save(tmp_path / "edges.png")
-    st = studio.Studio(tiny_pipe, tmp_path, tmp_path)
+    edges = uploaded(uploads.folder, "edges.png", Image.new("RGB", (64, 64)))
+    st = studio.Studio(tiny_pipe, tmp_path, tmp_path, uploads)
     fox = {"prompt": "a fox", "height": 256, "width": 512}
     for values, field, message in (
             ({"controlnet": "cn"}, "control_image", "the ControlNet cn needs a control image"),
-            ({"control_image": str(tmp_path / "edges.png")}, "controlnet", "a control image steers a ControlNet"),
-            ({"controlnet": "cn", "control_image": str(tmp_path / "edges.png"), "control_start": 0.5,
+            ({"control_image": edges}, "controlnet", "a control image steers a ControlNet"),
+            ({"controlnet": "cn", "control_image": edges, "control_start": 0.5,
               "control_end": 0.5}, "control_end", "from 0.5 to 0.5 of each scale's steps; it needs 0 <= start < end"),
-            ({"controlnet": "cn", "control_image": str(tmp_path / "edges.png")}, "controlnet", "cn: no ControlNet"),
+            ({"controlnet": "cn", "control_image": edges}, "controlnet", "cn: no ControlNet"),
             ({"lora": [("style.safetensors", 1.0)]}, "lora", "style.safetensors: no such LoRA in"),
             ({"vae": "broken.safetensors"}, "vae", "broken.safetensors: ")):
         with pytest.raises(studio.RequestError, match=message) as err:
             st.settings({**fox, **values})
         assert err.value.field == field and "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------------ the clients' pictures
+
+def test_only_pictures_uploaded_to_this_server_are_opened_and_nothing_tells_what_else_exists(tmp_path, uploads,
+                                                                                             monkeypatch):
+    canary = tmp_path / "private" / "canary.png"
+    canary.parent.mkdir()
+    Image.new("RGB", (30, 20)).save(canary)
+    fifo = tmp_path / "private" / "fifo.png"
+    os.mkfifo(fifo)
+    inside = Path(uploaded(uploads.folder, "ok.png", Image.new("RGB", (30, 20))))
+    (inside.parent / "link.png").symlink_to(canary)
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(studio.Image, "open",
+                        lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k))
+    for given in (str(canary), {"path": str(canary)}, str(tmp_path / "private" / "missing.png"), str(fifo),
+                  str(inside.parent / "link.png"), str(uploads.folder / ".." / "private" / "canary.png"), "/etc",
+                  "", 12, {"url": "x"}):
+        with pytest.raises(studio.RequestError) as err:
+            uploads.open(given, "image")
+        assert err.value.field == "image"
+        assert re.fullmatch(r"[^/\n]*: not a picture uploaded to this server; upload it", str(err.value))
+    assert opened == []
+    assert uploads.open({"path": str(inside), "meta": {"_type": "gradio.FileData"}}, "image").size == (30, 20)
+
+
+def jpeg_header(width: int, height: int) -> bytes:
+    """A tiny JPEG whose header claims width x height: what a decompression bomb looks like from outside."""
+    buf = io.BytesIO()
+    Image.new("L", (16, 16)).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def test_a_pictures_header_is_checked_before_its_pixels_are_decoded(uploads, monkeypatch):
+    decoded = []
+    monkeypatch.setattr(studio, "open_image", lambda img, name: decoded.append(name))
+    deep = Image.new("I;16", (800, 800))  # 0.64 million pixels: over a third of the limit at 16 bits
+    for name, data, message in (
+            ("bomb.jpg", jpeg_header(9400, 9400), "bomb.jpg: 9400x9400 is more than this server decodes, 1.0 "
+             "million pixels; make it smaller"),
+            ("deep.png", deep, "deep.png: 800x800 is more than this server decodes, 0.3 million pixels at 16 or "
+             "32 bits a channel"),
+            ("notes.txt", b"not a picture", "notes.txt: not a picture this server reads (PNG, JPEG, WEBP, TIFF"),
+            ("empty.png", b"", "empty.png: not a picture this server reads"),
+            ("page.eps", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "not a picture this server reads")):
+        with pytest.raises(studio.RequestError, match=re.escape(message)):
+            uploads.open(uploaded(uploads.folder, name, data), "image")
+    assert decoded == []
+
+
+def test_a_decode_is_one_line_when_the_data_is_broken_and_few_run_at_once(uploads, monkeypatch):
+    whole = io.BytesIO()
+    Image.new("RGB", (300, 200), (9, 9, 9)).save(whole, "PNG")
+    truncated = uploads.open(uploaded(uploads.folder, "cut.png", whole.getvalue()[:200]), "image")
+    with pytest.raises(studio.RequestError, match=r"^cut.png: the image data is truncated or corrupt") as err:
+        with uploads.decoded(truncated):
+            pass
+    assert err.value.field == "image" and "\n" not in str(err.value)
+    # a JPEG far larger than what is needed decodes at a fraction of its size (libjpeg's own scaling)
+    big = uploads.open(uploaded(uploads.folder, "big.jpg", Image.new("RGB", (1024, 512)), quality=90), "image")
+    with uploads.decoded(big, fit=(256, 128)) as picture:
+        assert picture.size == (256, 128) and picture.mode == "RGB"
+    with uploads.decoded(big) as picture:
+        assert picture.size == (1024, 512)
+    # at most two decodes at a time, however many requests ask
+    running, most, real = [0], [0], studio.open_image
+
+    def slow(img, name):
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        time.sleep(0.2)
+        running[0] -= 1
+        return real(img, name)
+
+    monkeypatch.setattr(studio, "open_image", slow)
+
+    def decode():
+        with uploads.decoded(big, fit=(128, 64)):
+            pass
+
+    threads = [threading.Thread(target=decode) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 2
+
+
+def test_a_turned_jpeg_has_the_size_it_is_shown_at(uploads):
+    exif = Image.Exif()
+    exif[studio.ORIENTATION] = 6  # a quarter turn: stored 300 x 200, seen 200 x 300
+    path = uploaded(uploads.folder, "phone.jpg", Image.new("RGB", (300, 200)), exif=exif)
+    picture = uploads.open(path, "image")
+    assert picture.size == (200, 300)
+    with uploads.decoded(picture, fit=(100, 150)) as pixels:  # halved: the fit is taken upright too
+        assert pixels.size == (100, 150)

@@ -307,6 +307,20 @@ def test_a_bad_request_shows_the_clis_message_inline(page, app):
              "the inline error at the memory budget")
     assert set(app["outputs"].iterdir()) == files
     fill(page, "max-memory", "")
+    # a dropped file that is no picture though its name says so: one line at the picture (Gradio's own check
+    # answered with a 400 that listed all 37 inputs)
+    notes = app["root"] / "notes.png"
+    notes.write_text("not a picture")
+    css(page, "#img2img .label-wrap")[0].click()
+    wait_for(lambda: css(page, "#image input[type=file]"), 10, "the picture's upload")[0].send_keys(str(notes))
+    click(page, "generate")
+    error = wait_for(lambda: "not a picture this server reads" in text(page, "#image") and text(page, "#image"), 30,
+                     "the inline error at the picture")
+    assert "notes.png: not a picture this server reads (PNG, JPEG, WEBP, TIFF, BMP, GIF)" in error
+    assert set(app["outputs"].iterdir()) == files
+    css(page, "#image .validation-error button[aria-label=Clear]")[0].click()  # read, dismissed
+    wait_for(lambda: css(page, "#image button[aria-label='Remove Image']"), 10, "the remove button")[0].click()
+    wait_for(lambda: not css(page, "#image button[aria-label='Remove Image']"), 10, "the picture to go")
 
 
 @needs_browser
@@ -442,14 +456,17 @@ def test_the_generate_endpoint_takes_loras_vae_and_controlnet_by_their_names(app
 def test_nothing_is_written_outside_the_output_folder(app):
     """Files, that is: torch leaves an empty $TMPDIR/torchinductor_<user> behind. Allowed outside: minifusion's
     own caches in ~/.cache/minifusion (the weights' hashes, the memory model's measurements), the CLI's too,
-    and weights/ as the tests wrote it (the broken LoRA added)."""
+    weights/ as the tests wrote it (the broken LoRA added), and the server's upload folder in $TMPDIR (removed
+    when it stops)."""
+    log = app["log"].read_text()
+    uploads = Path(re.search(r"uploads in (\S+) while it runs", log).group(1))
+    assert uploads.parent == app["tmp"] and not uploads.is_relative_to(app["outputs"])
     files = [p for d in ("work", "tmp", "home") for p in app[d].rglob("*") if p.is_file()]
-    outside = [p for p in files if not p.is_relative_to(app["outputs"])]
+    outside = [p for p in files if not p.is_relative_to(app["outputs"]) and not p.is_relative_to(uploads)]
     weights = app["weights"].parent
     assert [p for p in outside if not p.is_relative_to(app["home"] / ".cache" / "minifusion")
             and not p.is_relative_to(weights)] == []
     assert sorted(p for p in outside if p.is_relative_to(weights)) == sorted([*app["given"],
                                                                               weights / "loras" / "bad.safetensors"])
-    assert {p.name for p in app["outputs"].iterdir()} >= {"00001-7.png", "00001-7.x1.png", ".gradio"}
-    log = app["log"].read_text()
+    assert {p.name for p in app["outputs"].iterdir()} >= {"00001-7.png", "00001-7.x1.png"}
     assert f"UI on {app['url']}" in log and "reachable from the network" not in log
