@@ -21,7 +21,7 @@ from PIL import Image
 
 from . import __main__ as cli
 from . import memory, metadata
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, trim_heap
 from .controlnet import canny, phase1_condition_size
 from .controlnet_file import inspect_controlnet
 from .demofusion import scale_sizes
@@ -43,6 +43,10 @@ FOLDERS = {"lora": "loras", "vae": "vae", "embedding": "embeddings", "controlnet
 WHAT = {"lora": "LoRA", "vae": "VAE", "embedding": "embedding", "controlnet": "ControlNet"}
 ADAPTERS = tuple(FOLDERS)  # their settings, beside metadata.SETTINGS
 MAX_LORAS = 8  # weight sliders on the page, one per picked LoRA
+MAX_LORA_WEIGHT = 10.0  # what a style is worth at most: far beyond it a merge only overflows
+# --max-size on a CPU, or a device whose memory torch cannot tell: four scales of SDXL, hours on a CPU already
+FIXED_MAX_SIZE = 4096
+UNKNOWN_MEMORY = 1 << 50  # a budget's limit where the device's memory is unknown: a number a reply can still carry
 
 
 class RequestError(ValueError):
@@ -210,7 +214,12 @@ class Uploads:
                 picture = open_image(img, upload.name)
             except ValueError as e:  # ImageError
                 raise RequestError(upload.field, str(e)) from None
-            yield picture
+            try:
+                yield picture
+            finally:
+                # glibc keeps what each request's thread freed in that thread's own heap: without handing the
+                # pages back, every thread that ever decoded would hold a picture's worth of memory
+                trim_heap(0)
 
     @contextmanager
     def _header(self, upload: Upload) -> Iterator[Image.Image]:
@@ -342,6 +351,65 @@ def check_resume(saved: SavedScale, height: int, width: int, base: int) -> None:
                            f"run has {want[1]}x{want[0]} there; keep the aspect ratio of the run you continue")
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What this server runs for a client, beyond what the CLI checks: the longest side of a run (--max-size),
+    LoRAs as many as the page offers and weights no merge overflows at, a memory budget the device can hold."""
+    max_size: int  # px
+    max_memory: int  # bytes
+    max_loras: int = MAX_LORAS
+    max_lora_weight: float = MAX_LORA_WEIGHT
+
+    @classmethod
+    def of(cls, configs, device: torch.device, dtype: torch.dtype, max_size: int | None = None) -> "Limits":
+        """The limits for a model on a device; max_size None: on CUDA the largest square, in whole scales, that
+        the memory model predicts fits with one view per UNet call (the CLI's check_fits), elsewhere
+        FIXED_MAX_SIZE."""
+        if max_size is None:
+            max_size = FIXED_MAX_SIZE if device.type != "cuda" else _largest_fit(configs, device, dtype)
+        return cls(max_size, cli.device_memory(device) or UNKNOWN_MEMORY)
+
+    @property
+    def max_pixels(self) -> int:
+        """The most pixels a client's picture may have: the largest run's, within Pillow's own limit."""
+        return min(self.max_size ** 2, Image.MAX_IMAGE_PIXELS)
+
+
+def _largest_fit(configs, device: torch.device, dtype: torch.dtype) -> int:
+    base, window = configs.unet.sample_size * 8, configs.unet.sample_size
+    size = base
+    while size < 64 * base:  # 64 scales: far past any device
+        try:
+            cli.check_fits(configs, {"height": size + base, "width": size + base, "steps": 1, "stride": window // 2},
+                           device, dtype, {})
+        except cli.UserError:
+            break
+        size += base
+    return size
+
+
+def check_limits(settings: dict, limits: Limits) -> None:
+    """RequestError for what this server runs for no client (Limits), at once, before anything is loaded."""
+    check_size(settings["height"], settings["width"], limits)
+    loras = settings["lora"] or []
+    if len(loras) > limits.max_loras:
+        raise RequestError("lora", f"{len(loras)} LoRAs: this server merges at most {limits.max_loras}")
+    for path, weight in loras:
+        if not abs(weight) <= limits.max_lora_weight:
+            raise RequestError("lora", f"{Path(path).name} at {weight:g}: a LoRA's weight must be from "
+                               f"-{limits.max_lora_weight:g} to {limits.max_lora_weight:g}")
+    budget = settings["max_memory"]
+    if budget is not None and budget > limits.max_memory:
+        raise RequestError("max_memory", f"a budget of {budget / memory.GiB:.3g} GiB is more than this server's "
+                           f"device has ({limits.max_memory / memory.GiB:.1f} GiB); leave it blank for none")
+
+
+def check_size(height: int, width: int, limits: Limits) -> None:
+    if max(height, width) > limits.max_size:
+        raise RequestError("size", f"{width}x{height} is over this server's limit of {limits.max_size} px a side; "
+                           "choose a smaller size")
+
+
 def scale_evals(cfg, height: int, width: int, stride: int, steps: int) -> list[int]:
     """UNet evaluations of each scale of a run: 2 (classifier-free guidance) x steps x views."""
     return [2 * steps * sum(n for _, _, n in views) for views in memory.unet_views(cfg, height, width, stride)]
@@ -462,9 +530,10 @@ class Studio:
     slot from its first file to its last. Each run has its own cancel switch; a page session's is kept here
     (`arm`, `cancel`) until its run is over or the page is closed."""
 
-    def __init__(self, pipe: Pipeline, weights: Path, outputs: Path, uploads: Uploads, folders: Folders | None = None,
-                 skipped: Iterable[str] = ()):
+    def __init__(self, pipe: Pipeline, weights: Path, outputs: Path, uploads: Uploads, limits: Limits | None = None,
+                 folders: Folders | None = None, skipped: Iterable[str] = ()):
         self.pipe, self.weights, self.outputs, self.uploads = pipe, weights, outputs, uploads
+        self.limits = limits or Limits.of(pipe.configs, pipe.device, pipe.dtype)
         self.folders = folders or Folders.beside(weights)
         # what requests are checked against and loaded with: `pipe` is let go while another set loads
         self.configs, self.device, self.dtype = pipe.configs, pipe.device, pipe.dtype
@@ -482,12 +551,13 @@ class Studio:
         self.embeddings, self.skipped = self.folders.embeddings(self.configs, self.tokenizer.encode)
 
     def settings(self, values: dict) -> dict:
-        """The request's settings, or RequestError for what the CLI refuses before it runs: LoRAs, VAE and
-        ControlNet named as the page lists them (found in their folders) and checked as the CLI checks them,
-        and a memory budget nothing fits in."""
+        """The request's settings, or RequestError for what the CLI refuses before it runs, or this server
+        (Limits): LoRAs, VAE and ControlNet named as the page lists them (found in their folders) and checked as
+        the CLI checks them, pictures only as uploaded (Uploads), a memory budget nothing fits in."""
         pictures = {k: self.uploads.open(values[k], k) for k in ("image", "control_image") if values.get(k)}
         settings = settings_from({**values, **pictures, **self._paths(values)}, self.base, self.window)
         check(settings, self.base, self.window)
+        check_limits(settings, self.limits)
         want = Adapters.of(settings)
         vae_file, nets = None, ()
         # a set that loaded is not read again, unless a budget is to be planned with it; another is checked from
@@ -542,6 +612,7 @@ class Studio:
             check_request(self.base, self.window, height, width, stride=self.window // 2)
         except ValueError as e:
             raise request_error(e) from None
+        check_size(height, width, self.limits)
         check_resume(saved, height, width, self.base)
         return saved
 

@@ -41,8 +41,6 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from PIL import Image
-
 from . import __main__ as cli
 from .checkpoint import CheckpointError, inspect_checkpoint
 from .controlnet import canny, phase1_condition_size
@@ -51,8 +49,9 @@ from .files import LatentFileError
 from .lora import parse_spec
 from .pipeline import DEFAULT_WEIGHTS, check_request, default_dtype, load
 from .schedulers import SCHEDULERS
-from .studio import (FOLDERS, MAX_LORAS, WHAT, Cancelled, Finished, Folders, Loading, RequestError, RunProgress,
-                     Step, Studio, Uploads, duration, error_line, one_line, settings_from, shown_folder)
+from .studio import (FIXED_MAX_SIZE, FOLDERS, MAX_LORAS, WHAT, Cancelled, Finished, Folders, Limits, Loading,
+                     RequestError, RunProgress, Step, Studio, Uploads, duration, error_line, one_line, settings_from,
+                     shown_folder)
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("minifusion")
@@ -373,8 +372,8 @@ def _picker_events(studio: Studio, page: Page) -> None:
         return page.presets[choice]
 
     def size_of_picture(path):
-        """A dropped picture sets the size to 2 x base on its longer side, keeping its aspect (the CLI's default
-        for --image)."""
+        """A dropped picture sets the size to 2 x base on its longer side, or its own rounded up to whole scales,
+        keeping its aspect (the CLI's default for --image), within the server's limit."""
         if not path:
             return gr.skip(), gr.skip(), gr.skip()
         try:
@@ -382,6 +381,9 @@ def _picker_events(studio: Studio, page: Page) -> None:
         except RequestError:
             return gr.skip(), gr.skip(), gr.skip()
         h, w = base_scale_size(*picture.size, base).final
+        if max(h, w) > studio.limits.max_size:  # the largest this server runs, at the picture's aspect
+            longer = "width" if w >= h else "height"
+            h, w = base_scale_size(*picture.size, base, **{longer: studio.limits.max_size // 8 * 8}).final
         return w, h, "custom"
 
     def pick_loras(names, before, *weights):
@@ -511,6 +513,12 @@ def parse_args(argv):
         ap.add_argument(*flags, dest=f"{kind}_dir", type=Path, metavar="DIR",
                         help=f"the {WHAT[kind]} files to offer (default: {FOLDERS[kind]}/ inside the weights folder, "
                         "or next to the checkpoint file)" + (", each loaded at start" if kind == "embedding" else ""))
+    ap.add_argument("--max-size", type=int, metavar="PX",
+                    help="the longest side a run may have (default: on CUDA the largest square the memory model "
+                    f"predicts fits with one view per UNet call; elsewhere {FIXED_MAX_SIZE}); uploaded pictures may "
+                    "have as many pixels as such a square")
+    ap.add_argument("--max-queue", type=int, default=32, metavar="N",
+                    help="requests waiting at most; more are refused until the queue shortens (default 32)")
     ap.add_argument("--device", help="cuda, mps or cpu (default: the first available)")
     ap.add_argument("--dtype", choices=list(cli.DTYPES),
                     help="default: float16 on GPUs; on CPUs bfloat16 where the CPU has it in hardware, else float32")
@@ -539,6 +547,9 @@ def main(argv=None) -> int:
         for line in skipped:
             log.warning("embedding skipped: %s", line)
         pipe = load(args.weights, device=device, dtype=dtype, embeddings=embeddings)
+        if args.max_size is not None and args.max_size < pipe.base_size:
+            raise cli.UserError(f"--max-size {args.max_size} is below the model's base size, {pipe.base_size} px: "
+                                "no run would be allowed")
         pipe.model_info()  # hashes the weights for the images' metadata now, not before the first image
         outputs.mkdir(parents=True, exist_ok=True)
     except (cli.UserError, CheckpointError) as e:
@@ -554,26 +565,28 @@ def main(argv=None) -> int:
     os.environ["GRADIO_TEMP_DIR"] = str(uploads)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
-        studio = Studio(pipe, args.weights, outputs, Uploads(uploads, Image.MAX_IMAGE_PIXELS), folders, skipped)
+        limits = Limits.of(pipe.configs, device, dtype, args.max_size)
+        studio = Studio(pipe, args.weights, outputs, Uploads(uploads, limits.max_pixels), limits, folders, skipped)
         print(f"loaded {args.weights} on {device} ({str(dtype).replace('torch.', '')}) in "
               f"{time.perf_counter() - started:.1f} s" + ("; the tiny random model: its images are noise"
                                                           if studio.is_tiny else ""), file=sys.stderr)
-        return serve(build_app(studio), args, outputs, uploads)
+        return serve(build_app(studio), args, outputs, uploads, limits)
     finally:
         shutil.rmtree(uploads, ignore_errors=True)
 
 
-def serve(demo, args, outputs: Path, uploads: Path) -> int:
+def serve(demo, args, outputs: Path, uploads: Path, limits: Limits) -> int:
     """Listen until Ctrl-C."""
-    demo.queue(default_concurrency_limit=1)
+    demo.queue(default_concurrency_limit=1, max_size=args.max_queue)
     try:
+        # an upload may be as large as the largest picture taken uncompressed (RGBA), and a little more
         demo.launch(server_name=args.host, server_port=args.port, quiet=True, prevent_thread_lock=True, css=CSS,
-                    footer_links=["api"])
+                    footer_links=["api"], max_file_size=4 * limits.max_pixels + (1 << 20))
     except OSError as e:
         print(f"error: cannot listen on {args.host}:{args.port} ({e}); choose another --port", file=sys.stderr)
         return 2
     print(f"minifusion UI on http://{args.host}:{args.port}/ (outputs in {outputs}, uploads in {uploads} while it "
-          "runs)", file=sys.stderr)
+          f"runs); runs up to {limits.max_size} px a side, at most {args.max_queue} waiting", file=sys.stderr)
     if reachable_from_network(args.host):
         print(f"--host {args.host}: the UI is reachable from the network; anyone who can reach this machine on "
               f"port {args.port} can generate images and download what is in {outputs}", file=sys.stderr)

@@ -364,3 +364,45 @@ def test_a_turned_jpeg_has_the_size_it_is_shown_at(uploads):
     assert picture.size == (200, 300)
     with uploads.decoded(picture, fit=(100, 150)) as pixels:  # halved: the fit is taken upright too
         assert pixels.size == (100, 150)
+
+
+# ----------------------------------------------------------------------------------------------- the limits
+
+def test_what_this_server_runs_for_no_client_is_refused_at_once_with_its_limit():
+    gib = 1 << 30
+    limits = studio.Limits(max_size=1024, max_memory=8 * gib)
+    fine = {"height": 512, "width": 1024, "lora": [("/w/loras/a.safetensors", -10.0)] * 8, "max_memory": 8 * gib}
+    studio.check_limits(fine, limits)
+    for change, field, message in (
+            ({"width": 65536, "height": 65536}, "size", "65536x65536 is over this server's limit of 1024 px a side; "
+             "choose a smaller size"),
+            ({"lora": [("/w/loras/a.safetensors", 1.0)] * 9}, "lora", "9 LoRAs: this server merges at most 8"),
+            ({"lora": [("/w/loras/a.safetensors", 1e308)]}, "lora", "a.safetensors at 1e+308: a LoRA's weight must "
+             "be from -10 to 10"),
+            ({"lora": [("/w/loras/a.safetensors", float("nan"))]}, "lora", "a.safetensors at nan: "),
+            ({"max_memory": int(1e30 * gib)}, "max_memory", "a budget of 1e+30 GiB is more than this server's device "
+             "has (8.0 GiB); leave it blank for none")):
+        with pytest.raises(studio.RequestError, match=re.escape(message)) as err:
+            studio.check_limits({**fine, **change}, limits)
+        assert err.value.field == field
+
+
+def test_the_size_limit_is_fixed_off_cuda_and_what_the_memory_model_fits_on_it(monkeypatch):
+    cpu = studio.Limits.of(TINY, torch.device("cpu"), torch.float32)
+    assert cpu.max_size == studio.FIXED_MAX_SIZE and cpu.max_pixels == studio.FIXED_MAX_SIZE ** 2
+    assert cpu.max_memory == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert studio.Limits.of(TINY, torch.device("cpu"), torch.float32, 20000).max_pixels == Image.MAX_IMAGE_PIXELS
+    # on a 2 GiB CUDA device: the largest square in whole scales that the CLI's check_fits lets through
+    monkeypatch.setattr(studio.cli, "device_memory", lambda device: 2 << 30)
+    cuda = torch.device("cuda")
+    size = studio.Limits.of(TINY, cuda, torch.float16).max_size
+
+    def fits(side):
+        settings = {"height": side, "width": side, "steps": 1, "stride": WINDOW // 2}
+        try:
+            studio.cli.check_fits(TINY, settings, cuda, torch.float16, {})
+        except studio.cli.UserError:
+            return False
+        return True
+
+    assert size % BASE == 0 and fits(size) and not fits(size + BASE)

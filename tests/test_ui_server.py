@@ -22,6 +22,12 @@ from PIL import Image
 
 from minifusion.tiny import TINY, random_models, write_single_file
 
+MAX_SIZE, MAX_QUEUE = 1024, 20  # so uploads may have 1024 x 1024 pixels
+# the resident-set growth the decode probes may cause: two decodes at once of a 1024 x 1024 RGBA picture at ~20
+# bytes a pixel (40 MiB), OpenCV loaded for the first Canny preview (~35 MiB), each request's decoded picture
+# (4 MiB) and Gradio's own; 107 MiB measured
+DECODE_BOUND = 150 << 20
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
@@ -40,7 +46,7 @@ def server(tmp_path_factory):
     env = {**os.environ, "TMPDIR": str(tmp), "HOME": str(home), "OMP_NUM_THREADS": "1"}
     env.pop("GRADIO_TEMP_DIR", None)
     log = root / "app.log"
-    proc, url = start_ui(weights, work, log, env)
+    proc, url = start_ui(weights, work, log, env, "--max-size", str(MAX_SIZE), "--max-queue", str(MAX_QUEUE))
     try:
         serving(proc, url, log)
         yield {"url": url, "proc": proc, "root": root, "outputs": work / "outputs", "canary": canary, "log": log,
@@ -157,3 +163,120 @@ def test_an_uploaded_page_is_never_served_as_one_and_kept_pictures_are_pngs(serv
     kept = [p for p in server["outputs"].iterdir() if re.fullmatch(r"\d{5}-21\.input\..*", p.name)]
     assert [p.name[6:] for p in kept] == ["21.input.png"] and Image.open(kept[0]).format == "PNG"
     assert not [p for p in server["outputs"].rglob("*") if p.suffix.lower() in (".html", ".htm", ".svg")]
+
+
+def jpeg_header(width: int, height: int) -> bytes:
+    """A tiny JPEG whose header claims width x height (the issue's was 631 bytes for 9400 x 9400)."""
+    buf = io.BytesIO()
+    Image.new("L", (16, 16)).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def test_a_run_over_the_size_limit_is_refused_before_anything_runs(server):
+    """--max-size: 65536 x 65536 (64 scales of SDXL) and the size a large uploaded picture implies are refused at
+    once, with the limit; the page's size probe sets the largest allowed size instead. (Before: accepted, and
+    sent through the API and cancelled, it went on writing scales until the server was killed.)"""
+    client, outputs = server["client"], server["outputs"]
+    files = set(outputs.iterdir())
+    started = time.monotonic()
+    with pytest.raises(AppError, match=r"^65536x65536 is over this server's limit of 1024 px a side; choose a "):
+        client.predict("a fox", width=65536, height=65536, steps=1, api_name="/generate")
+    wide = upload(server, "wide.png", png((2000, 400)))  # 0.8 million pixels: within the pixel limit
+    with pytest.raises(AppError, match=r"^2048x408 is over this server's limit of 1024 px a side"):
+        client.predict("a fox", steps=1, image={"path": wide, "meta": {"_type": "gradio.FileData"}},
+                       api_name="/generate")
+    assert time.monotonic() - started < 10 and set(outputs.iterdir()) == files
+    status, reply = run_event(server, page_event(server, "image"), [{"path": wide}])
+    assert status == 200 and reply["data"][:2] == [1024, 208], reply
+
+
+def test_loras_budgets_and_uploads_are_bounded_and_each_refusal_is_one_line(server):
+    """The API took 1,000 LoRAs (the page offers 8) and a weight of 1e308 (an overflow in the merge, two
+    reloads); a budget of 1e30 GiB ran, then failed the reply with a traceback; uploads had no size limit."""
+    client = server["client"]
+    for kwargs, message in (({"lora": ["style.safetensors:0.5"] * 1000}, "1000 LoRAs: this server merges at most 8"),
+                            ({"lora": ["style.safetensors:1e308"]}, "style.safetensors at 1e+308: a LoRA's weight "
+                             "must be from -10 to 10"),
+                            ({"max_memory": "1e30GiB"}, "a budget of 1e+30 GiB is more than this server's device")):
+        with pytest.raises(AppError) as err:
+            client.predict("a fox", width=512, steps=1, api_name="/generate", **kwargs)
+        assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    status, reply = post(server["url"] + "gradio_api/upload", b"--b\r\nContent-Disposition: form-data; "
+                         b'name="files"; filename="big.png"\r\n\r\n' + bytes(6 << 20) + b"\r\n--b--\r\n",
+                         "multipart/form-data; boundary=b")
+    assert status == 413, reply
+
+
+def resident(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (the peak since the last reset) of a process, in bytes."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: int(v.split()[0]) << 10 for k, _, v in (line.partition(":") for line in lines)
+            if k in ("VmRSS", "VmHWM")}
+
+
+def test_the_decode_probes_peak_resident_memory_stays_bounded(server):
+    """Pictures sent where the server decodes outside the generation queue, many at once: bombs (a tiny JPEG
+    whose header claims 9400 x 9400, a 16-bit PNG of 2000 x 2000) to the size probe, the Canny preview and
+    /generate, and pictures within the limit (1024 x 1024 RGBA) to the Canny preview, eight at a time. The
+    server's peak resident set (VmHWM, reset first) grows by less than DECODE_BOUND. (Before: the JPEG alone
+    cost 1.5 GB and three took the resident set from 3.0 to 6.25 GB.)"""
+    import concurrent.futures
+
+    deep = io.BytesIO()
+    Image.new("I;16", (2000, 2000)).save(deep, "PNG")
+    full = io.BytesIO()
+    Image.effect_noise((1024, 1024), 64).convert("RGBA").save(full, "PNG")
+    bombs = [upload(server, "bomb.jpg", jpeg_header(9400, 9400)), upload(server, "deep.png", deep.getvalue())]
+    fine = upload(server, "full.png", full.getvalue())
+    size_probe, canny_preview = page_event(server, "image"), page_event(server, "control-image")
+    pid = server["proc"].pid
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM from here on
+    before = resident(pid)["VmRSS"]
+
+    def probe(task):
+        kind, path = task
+        if kind == "size":
+            return run_event(server, size_probe, [{"path": path}])[1]["data"][0]
+        if kind == "canny":
+            return run_event(server, canny_preview, [{"path": path}, True, 1024, 1024])[1]["data"][0]["label"]
+        client = Client(server["url"], verbose=False)
+        with pytest.raises(AppError) as err:
+            client.predict("a fox", steps=1, image={"path": path, "meta": {"_type": "gradio.FileData"}},
+                           api_name="/generate")
+        return str(err.value)
+
+    tasks = [(kind, bomb) for bomb in bombs for kind in ("size", "canny", "generate")] * 2 + [("canny", fine)] * 8
+    with concurrent.futures.ThreadPoolExecutor(len(tasks)) as pool:
+        answers = list(pool.map(probe, tasks))
+    grown = resident(pid)["VmHWM"] - before
+    print(f"decode probes: peak resident set {grown / 2**20:.0f} MiB over {before / 2**20:.0f} MiB")
+    assert grown < DECODE_BOUND, f"{grown / 2**20:.0f} MiB"
+    assert all(a == {"__type__": "update"} for (kind, _), a in zip(tasks, answers) if kind == "size")
+    refusals = [a for (kind, path), a in zip(tasks, answers) if path in bombs and kind != "size"]
+    assert all("is more than this server decodes" in a for a in refusals), refusals
+    # phase 1 of a 1024 x 1024 run on the 256 px model: 256 x 256
+    assert all(a == "Canny edges, 256×256" for (_, path), a in zip(tasks, answers) if path == fine), answers
+
+
+def test_requests_are_served_in_order_and_past_the_queue_length_refused_with_a_reason(server):
+    """Twenty requests queued behind a longer one are answered in the order sent; one more is refused at once
+    (--max-queue), saying why."""
+    client, outputs = server["client"], server["outputs"]
+    first = client.submit("a fox", width=768, height=384, steps=8, seed=30, api_name="/generate")
+    wait_for(lambda: first.status().code.name == "PROCESSING", 30, "the first request to run")
+    jobs = []
+    for seed in range(31, 31 + MAX_QUEUE):
+        jobs.append(client.submit("a fox", width=256, height=256, steps=1, seed=seed, api_name="/generate"))
+        wait_for(lambda: jobs[-1].status().code.name in ("IN_QUEUE", "PROCESSING", "FINISHED"), 10, "queued")
+    extra = client.submit("a fox", width=256, height=256, steps=1, seed=99, api_name="/generate")
+    with pytest.raises(Exception, match="[Qq]ueue is full"):
+        extra.result(timeout=30)
+    for job in [first, *jobs]:
+        job.result(timeout=120)
+    numbers = {int(p.name[:5]): int(p.name[6:].split(".")[0]) for p in outputs.glob("*.png")
+               if re.fullmatch(r"\d{5}-\d+\.png", p.name)}
+    order = [seed for _, seed in sorted(numbers.items()) if 30 <= seed < 31 + MAX_QUEUE]
+    assert order == list(range(30, 31 + MAX_QUEUE)) and 99 not in numbers.values()
