@@ -5,13 +5,10 @@ run, and Studio: the loaded model and the output folder, one run at a time, with
 """
 import gc
 import logging
-import os
 import queue
 import secrets
 import threading
 import time
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -21,26 +18,24 @@ from PIL import Image
 
 from . import __main__ as cli
 from . import memory, metadata
-from .checkpoint import CheckpointError, trim_heap
+from .checkpoint import CheckpointError
 from .controlnet import canny, phase1_condition_size
 from .controlnet_file import inspect_controlnet
 from .demofusion import scale_sizes
-from .embeddings import PICKLE_SUFFIXES, load_embedding
-from .encode import base_scale_size, open_image
+from .encode import base_scale_size
 from .files import SavedScale, latent_path, load_latents, save_latents
+from .folders import FOLDERS, Adapters, Folders
 from .lora import open_loras
 from .pipeline import NonFiniteError, Pipeline, check_request, load, resident
 from .tiny import TINY
 from .tokenizer import Tokenizer
+from .uploads import Upload, Uploads
 from .vae_file import inspect_vae, vae_dtype_for
 from .views import is_out_of_memory
 
 log = logging.getLogger("minifusion")
 # the first word of check_request's messages (its argument names) -> the page's setting it is about
 MESSAGE_FIELDS = {arg: name for name, arg in metadata.SETTINGS.items() if arg in cli.CHECKED}
-# what loads beside the checkpoint (the CLI's names) -> its folder inside the weights folder
-FOLDERS = {"lora": "loras", "vae": "vae", "embedding": "embeddings", "controlnet": "controlnet"}
-WHAT = {"lora": "LoRA", "vae": "VAE", "embedding": "embedding", "controlnet": "ControlNet"}
 ADAPTERS = tuple(FOLDERS)  # their settings, beside metadata.SETTINGS
 MAX_LORAS = 8  # weight sliders on the page, one per picked LoRA
 MAX_LORA_WEIGHT = 10.0  # what a style is worth at most: far beyond it a merge only overflows
@@ -63,197 +58,6 @@ class Cancelled(Exception):
 
 class LoadError(ValueError):
     """A LoRA / VAE / embedding / ControlNet set that failed to load; the set loaded before it is back."""
-
-
-@dataclass(frozen=True)
-class Folders:
-    """Where the page finds what loads beside the checkpoint, one folder per kind (FOLDERS)."""
-    lora: Path
-    vae: Path
-    embedding: Path
-    controlnet: Path
-
-    @classmethod
-    def beside(cls, weights: Path, **given: Path | None) -> "Folders":
-        """weights/loras/, ... inside the weights folder, or next to the checkpoint file; `given` overrides."""
-        home = weights.parent if weights.is_file() else weights
-        return cls(**{k: Path(os.path.abspath(given.get(k) or home / sub)) for k, sub in FOLDERS.items()})
-
-    def entries(self, kind: str) -> list[str]:
-        """What there is to pick, as names relative to the folder. LoRAs and embeddings: the .safetensors files
-        anywhere under it (embeddings: pickles too, to say why they are skipped). VAEs and ControlNets: the
-        .safetensors files and the folders in it; a folder holding config.json is one network (a diffusers
-        checkpoint's own vae/, say), whose weights files are not choices of their own."""
-        folder = getattr(self, kind)
-        try:
-            if kind in ("lora", "embedding"):
-                suffixes = (".safetensors", *PICKLE_SUFFIXES) if kind == "embedding" else (".safetensors",)
-                found = [p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file()]
-            else:
-                one = (folder / "config.json").is_file()
-                found = [p for p in folder.iterdir()
-                         if p.is_dir() or not one and p.suffix.lower() == ".safetensors" and p.is_file()]
-        except OSError:  # no such folder (the usual case), or unreadable: nothing to pick
-            return []
-        names = [p.relative_to(folder).as_posix() for p in found]
-        return sorted((n for n in names if not any(part.startswith(".") for part in n.split("/"))), key=str.lower)
-
-    def path(self, kind: str, name: str | Path) -> str:
-        """The absolute path of an entry (a name as `entries` gives it, or a path inside the folder), for
-        the PNG's metadata to name a file --settings-from finds; RequestError for anything else, so that the
-        page and the API load nothing from outside these folders."""
-        folder = getattr(self, kind)
-        path = Path(os.path.normpath(folder / name))
-        if not path.is_relative_to(folder) or path == folder:
-            raise RequestError(kind, f"{name}: not in the {WHAT[kind]} folder {shown_folder(folder)}; put it there")
-        if not path.exists():
-            raise RequestError(kind, f"{name}: no such {WHAT[kind]} in {shown_folder(folder)} (rescan the folders to "
-                               "see what is there)")
-        return str(path)
-
-    def embeddings(self, cfgs, encode: Callable[[str], list[int]]) -> tuple[list[str], list[str]]:
-        """The embeddings that load into a checkpoint of `cfgs` (paths), and a line for each that does not:
-        skipped, as Automatic1111 skips them, rather than keeping the app from starting."""
-        widths = (cfgs.text_encoder_1.width, cfgs.text_encoder_2.width)
-        usable, skipped, words = [], [], {}
-        for name in self.entries("embedding"):
-            path = self.path("embedding", name)
-            try:
-                ids = load_embedding(path, widths, encode).ids
-            except (CheckpointError, ValueError) as e:
-                skipped.append(str(e).splitlines()[0])
-                continue
-            if ids in words:
-                skipped.append(f"{path}: the same word as {words[ids]} (prompts are lowercased); rename one")
-                continue
-            usable.append(path)
-            words[ids] = Path(path).name
-        return usable, skipped
-
-
-@dataclass(frozen=True)
-class Adapters:
-    """What `load` merges into the weights or keeps beside them, under the CLI's names: a request for another
-    set than the loaded one loads the pipeline again."""
-    lora: tuple[tuple[str, float], ...] = ()
-    vae: str | None = None
-    embedding: tuple[str, ...] = ()
-    controlnet: tuple[str, ...] = ()
-
-    @classmethod
-    def of(cls, settings: dict) -> "Adapters":
-        return cls(tuple((str(p), float(w)) for p, w in settings.get("lora") or ()), settings.get("vae"),
-                   tuple(settings.get("embedding") or ()), tuple(settings.get("controlnet") or ()))
-
-    def describe(self) -> str:
-        parts = [f"LoRA {Path(p).name} at {w:g}" for p, w in self.lora]
-        parts += [f"VAE {Path(self.vae).name}"] if self.vae else []
-        parts += [f"ControlNet {Path(c).name}" for c in self.controlnet]
-        n = len(self.embedding)
-        parts += [f"{n} embedding{'s' if n > 1 else ''}"] if n else []
-        return ", ".join(parts) or "the checkpoint alone"
-
-
-# What this server decodes for its clients: the formats browsers and cameras write. Pillow reads many more
-# (EPS, say, by running Ghostscript), none worth their risk on a server.
-PICTURE_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF")
-# 16 and 32 bits a channel: open_image goes through float64 arrays, ~30 bytes a pixel at the peak where 8-bit
-# pictures take 12 (RGB) to 20 (RGBA); such pictures get a third of the pixel limit, so that no decode costs more
-DEEP_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
-MODES = DEEP_MODES | {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
-ORIENTATION = 0x0112  # EXIF: 5 to 8 turn the picture a quarter, swapping its sides
-
-
-@dataclass(frozen=True)
-class Upload:
-    """A client's picture, its header read: a file in the upload folder."""
-    path: Path
-    size: tuple[int, int]  # (width, height) upright, as open_image returns it
-    field: str  # the setting it was given for, whose errors it raises
-
-    @property
-    def name(self) -> str:
-        """What messages call it: the name the client gave the file (Gradio keeps it), not where it lies."""
-        return self.path.name
-
-
-class Uploads:
-    """The one way a client's file is opened. A client names files (the picture to upscale, the control image),
-    but only those uploaded to this server are read: files in Gradio's upload folder, which is this server's
-    own. Anything else is refused in the same words whether or not it exists, so replies tell nothing of the
-    server's disk. A picture's header is read before any pixel: its format, mode and pixel count; a decode holds
-    at most `max_pixels` (a third of it at 16 or 32 bits a channel), and at most `decodes` run at once, as the
-    size probe, the Canny preview and validation answer outside the generation queue."""
-
-    def __init__(self, folder: Path, max_pixels: int, decodes: int = 2):
-        self.folder = Path(os.path.realpath(folder))
-        self.max_pixels = max_pixels
-        self._decoding = threading.BoundedSemaphore(decodes)
-
-    def open(self, given, field: str) -> Upload:
-        """The picture a client named (a path, or a FileData dict holding one) from its header, else
-        RequestError."""
-        path = given.get("path") if isinstance(given, dict) else given
-        real = Path(os.path.realpath(path)) if isinstance(path, str) and path else None
-        # is_file after the folder check: a path outside it is not even looked at
-        if real is None or not real.is_relative_to(self.folder) or not real.is_file():
-            shown = Path(path).name if isinstance(path, str) else type(path).__name__
-            raise RequestError(field, f"{shown}: not a picture uploaded to this server; upload it")
-        with self._header(Upload(real, (0, 0), field)) as img:
-            return Upload(real, img.size[::-1] if _turned(img) else img.size, field)
-
-    @contextmanager
-    def decoded(self, upload: Upload, fit: tuple[int, int] | None = None) -> Iterator[Image.Image]:
-        """The picture's pixels as open_image makes them (8-bit RGB, upright) while the block runs, one of the
-        few decodes allowed at a time. A JPEG is decoded at the smallest of 1, 1/2, 1/4, 1/8 of its size that
-        is still at least fit = (width, height): libjpeg's own scaling, no full-size pixels made first."""
-        with self._decoding, self._header(upload) as img:
-            if fit is not None and img.format == "JPEG":
-                img.draft(img.mode, fit[::-1] if _turned(img) else fit)
-            try:
-                picture = open_image(img, upload.name)
-            except ValueError as e:  # ImageError
-                raise RequestError(upload.field, str(e)) from None
-            try:
-                yield picture
-            finally:
-                # glibc keeps what each request's thread freed in that thread's own heap: without handing the
-                # pages back, every thread that ever decoded would hold a picture's worth of memory
-                trim_heap(0)
-
-    @contextmanager
-    def _header(self, upload: Upload) -> Iterator[Image.Image]:
-        """The picture opened (its header read, no pixels), if this server decodes it."""
-        name, field = upload.name, upload.field
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the pixel limit below is lower
-                img = Image.open(upload.path, formats=PICTURE_FORMATS)
-        except Image.DecompressionBombError:
-            raise RequestError(field, f"{name}: over Pillow's limit of {Image.MAX_IMAGE_PIXELS} pixels") from None
-        except (OSError, SyntaxError, ValueError):  # UnidentifiedImageError included
-            raise RequestError(field, f"{name}: not a picture this server reads ({', '.join(PICTURE_FORMATS)})"
-                               ) from None
-        with img:
-            w, h = img.size
-            deep = img.mode in DEEP_MODES
-            limit = self.max_pixels // 3 if deep else self.max_pixels
-            if img.mode not in MODES:
-                raise RequestError(field, f"{name}: its pixels are {img.mode}, which this server does not read")
-            if w * h > limit:
-                raise RequestError(field, f"{name}: {w}x{h} is more than this server decodes, "
-                                   f"{limit / 1e6:.1f} million pixels" + (" at 16 or 32 bits a channel" if deep
-                                                                          else "") + "; make it smaller")
-            yield img
-
-
-def _turned(img: Image.Image) -> bool:
-    """Whether the picture's EXIF turns it a quarter (its sides swap when shown), from its header alone: a PNG
-    whose EXIF comes after its pixels would be decoded whole to find it, so that one counts as upright (a size
-    that then disagrees is refused by the run, in one line)."""
-    if img.format == "PNG" and "exif" not in img.info:
-        return False
-    return img.getexif().get(ORIENTATION) in (5, 6, 7, 8)
 
 
 @dataclass(frozen=True)
@@ -483,11 +287,6 @@ def duration(seconds: float | None) -> str:
     return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
 
 
-def shown_folder(folder: Path) -> str:
-    """A folder as the user would type it from here: relative when it is under the working folder."""
-    relative = os.path.relpath(folder)
-    return str(folder) if relative.startswith("..") else relative
-
 def error_line(e: BaseException, settings: dict) -> str:
     """One line for an error a run raised, as the CLI words it."""
     if is_out_of_memory(e):
@@ -554,7 +353,7 @@ class Studio:
         """The request's settings, or RequestError for what the CLI refuses before it runs, or this server
         (Limits): LoRAs, VAE and ControlNet named as the page lists them (found in their folders) and checked as
         the CLI checks them, pictures only as uploaded (Uploads), a memory budget nothing fits in."""
-        pictures = {k: self.uploads.open(values[k], k) for k in ("image", "control_image") if values.get(k)}
+        pictures = {k: _checked(k, self.uploads.open, values[k]) for k in ("image", "control_image") if values.get(k)}
         settings = settings_from({**values, **pictures, **self._paths(values)}, self.base, self.window)
         check(settings, self.base, self.window)
         check_limits(settings, self.limits)
@@ -569,14 +368,12 @@ class Studio:
                 vae_file = _checked("vae", inspect_vae, want.vae)
             nets = tuple(_checked("controlnet", inspect_controlnet, net, self.configs.unet)
                          for net in want.controlnet)
-        if settings["image"] is not None:
-            with self.uploads.decoded(settings["image"], fit=(1, 1)):  # truncated data shows when decoded
-                pass
-        if settings["control_image"] is not None:
-            with self.uploads.decoded(settings["control_image"], (settings["width"], settings["height"])) as picture:
-                if settings["canny"]:
-                    size = phase1_condition_size(settings["height"], settings["width"], self.base)
-                    _checked("canny", canny, picture, size)
+        for name in ("image", "control_image"):
+            if settings[name] is not None:
+                _checked(name, self.uploads.check, settings[name])
+        if settings["control_image"] is not None and settings["canny"]:
+            _checked("canny", canny_of, self.uploads, settings["control_image"], settings["height"], settings["width"],
+                     self.base)
         if settings["max_memory"] is not None:
             # as the CLI plans it: with the ControlNets and the VAE asked for, not those loaded now
             extra = {"controlnets": tuple(net.config for net in nets),
@@ -594,14 +391,17 @@ class Studio:
         """A request's LoRAs ((name, weight) pairs), VAE and ControlNet (names; None for none) as the CLI's
         settings: paths in their folders; the embeddings the folder holds. A control image goes with a
         ControlNet."""
-        loras = [[self.folders.path("lora", name), float(weight)] for name, weight in values.get("lora") or ()]
+        def path(kind, name):
+            return _checked(kind, self.folders.path, kind, name)
+
+        loras = [[path("lora", name), float(weight)] for name, weight in values.get("lora") or ()]
         vae, net = values.get("vae"), values.get("controlnet")
         if values.get("control_image") and not net:
             raise RequestError("controlnet", "a control image steers a ControlNet: choose one")
         if net and not values.get("control_image"):
             raise RequestError("control_image", f"the ControlNet {net} needs a control image: drop one here")
-        return {"lora": loras, "vae": self.folders.path("vae", vae) if vae else None,
-                "controlnet": [self.folders.path("controlnet", net)] if net else [], "embedding": list(self.embeddings)}
+        return {"lora": loras, "vae": path("vae", vae) if vae else None,
+                "controlnet": [path("controlnet", net)] if net else [], "embedding": list(self.embeddings)}
 
     def resume(self, latents: str | None, height: int | None, width: int | None) -> SavedScale:
         if not latents:
@@ -729,6 +529,13 @@ class Studio:
         with self.uploads.decoded(picture, fit) as pixels:
             pixels.save(kept, compress_level=1)  # a copy to rerun from: written fast rather than small
         return kept.resolve()
+
+
+def canny_of(uploads: Uploads, picture: Upload, height: int, width: int, base: int) -> Image.Image:
+    """The edges a ControlNet gets from a client's control picture: the CLI's --canny at phase 1's size, from
+    the picture as a height x width run keeps it."""
+    with uploads.decoded(picture, (width, height)) as pixels:
+        return canny(pixels, phase1_condition_size(height, width, base))
 
 
 def _checked(field: str, check: Callable, *args):

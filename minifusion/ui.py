@@ -29,11 +29,11 @@ those folders):
 import argparse
 import asyncio
 import html
-import ipaddress
 import logging
 import os
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -42,17 +42,18 @@ from pathlib import Path
 from typing import Iterator
 
 from . import __main__ as cli
+from .access import HostCheck, allowed_hosts, exposure_notice, logins, reachable_from_network
 from .checkpoint import CheckpointError, inspect_checkpoint
-from .controlnet import canny, phase1_condition_size
 from .encode import base_scale_size
 from .files import LatentFileError
 from .lora import parse_spec
 from .pipeline import DEFAULT_WEIGHTS, check_request, default_dtype, load
+from .folders import FOLDERS, WHAT, Folders, shown_folder
 from .schedulers import SCHEDULERS
-from .studio import (FIXED_MAX_SIZE, FOLDERS, MAX_LORAS, WHAT, Cancelled, Finished, Folders, Limits, Loading,
-                     RequestError, RunProgress, Step, Studio, Uploads, duration, error_line, one_line, settings_from,
-                     shown_folder)
+from .studio import (FIXED_MAX_SIZE, MAX_LORAS, Cancelled, Finished, Limits, Loading, RequestError, RunProgress, Step,
+                     Studio, canny_of, duration, error_line, one_line, settings_from)
 from .tokenizer import Tokenizer
+from .uploads import Uploads
 
 log = logging.getLogger("minifusion")
 SIZE = ("width", "height")
@@ -99,9 +100,10 @@ class Page:
         return [self.status, self.progress, self.gallery, self.slider, self.download, self.fields["seed"], self.last]
 
 
-def build_app(studio: Studio):
-    """The page and the /generate endpoint. Gradio is imported here, after main() has pointed its upload folder
-    at the server's own (it reads GRADIO_TEMP_DIR when imported)."""
+def build_app(studio: Studio, notice: str | None = None):
+    """The page and the /generate endpoint, `notice` (markdown) at the top when it is open to anyone. Gradio is
+    imported here, after main() has pointed its upload folder at the server's own (it reads GRADIO_TEMP_DIR when
+    imported)."""
     import gradio as gr
 
     gr.set_static_paths([studio.outputs])  # the images are served from where they are, not copied for serving
@@ -114,6 +116,8 @@ def build_app(studio: Studio):
         gr.Markdown(f"## minifusion · DemoFusion on SDXL\n{studio.weights.name} on {studio.device} "
                     f"({str(studio.dtype).replace('torch.', '')}), base size {studio.base} px; images go to "
                     f"`{shown_folder(studio.outputs)}`")
+        if notice:
+            gr.Markdown(notice, elem_id="exposed")
         if studio.is_tiny:
             gr.Markdown(TINY_NOTICE, elem_id="tiny-notice")
         with gr.Row():
@@ -377,8 +381,8 @@ def _picker_events(studio: Studio, page: Page) -> None:
         if not path:
             return gr.skip(), gr.skip(), gr.skip()
         try:
-            picture = studio.uploads.open(path, "image")
-        except RequestError:
+            picture = studio.uploads.open(path)
+        except ValueError:  # ImageError: not a picture this server reads
             return gr.skip(), gr.skip(), gr.skip()
         h, w = base_scale_size(*picture.size, base).final
         if max(h, w) > studio.limits.max_size:  # the largest this server runs, at the picture's aspect
@@ -413,14 +417,11 @@ def _picker_events(studio: Studio, page: Page) -> None:
             check_request(base, studio.window, int(height), int(width), stride=studio.window // 2)
         except (ValueError, TypeError):
             return gr.skip()
-        size = phase1_condition_size(int(height), int(width), base)
         try:
-            picture = studio.uploads.open(path, "control_image")
-            with studio.uploads.decoded(picture, (int(width), int(height))) as pixels:
-                edges = canny(pixels, size)
-        except (ValueError, ImportError) as e:  # RequestError included
+            edges = canny_of(studio.uploads, studio.uploads.open(path), int(height), int(width), base)
+        except (ValueError, ImportError) as e:  # ImageError included
             return gr.Image(value=None, visible=True, label=f"Canny edges: {one_line(e)}")
-        return gr.Image(value=edges, visible=True, label=f"Canny edges, {size[1]}×{size[0]}")
+        return gr.Image(value=edges, visible=True, label=f"Canny edges, {edges.width}×{edges.height}")
 
     private = {"queue": False, "api_visibility": "private"}
     lora.change(pick_loras, [lora, page.picked, *page.lora_weights], [*page.lora_weights, page.picked], **private)
@@ -513,6 +514,13 @@ def parse_args(argv):
         ap.add_argument(*flags, dest=f"{kind}_dir", type=Path, metavar="DIR",
                         help=f"the {WHAT[kind]} files to offer (default: {FOLDERS[kind]}/ inside the weights folder, "
                         "or next to the checkpoint file)" + (", each loaded at start" if kind == "embedding" else ""))
+    ap.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                    help="a name this server may be reached by besides the address it listens on (a tunnel's or a "
+                    "reverse proxy's public name); requests naming another host are refused. Repeatable")
+    ap.add_argument("--auth", action="append", default=[], metavar="USER:PASSWORD",
+                    help="ask for a login (repeatable; other users of this machine can read it in the process "
+                    "list: --auth-file keeps it out)")
+    ap.add_argument("--auth-file", type=Path, metavar="FILE", help="logins, one USER:PASSWORD a line")
     ap.add_argument("--max-size", type=int, metavar="PX",
                     help="the longest side a run may have (default: on CUDA the largest square the memory model "
                     f"predicts fits with one view per UNet call; elsewhere {FIXED_MAX_SIZE}); uploaded pictures may "
@@ -525,13 +533,6 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
-def reachable_from_network(host: str) -> bool:
-    try:
-        return not ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host != "localhost"
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     outputs = args.outputs.resolve()
@@ -539,6 +540,11 @@ def main(argv=None) -> int:
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     log.addHandler(handler)
     started = time.perf_counter()
+    try:
+        users = logins(args.auth, args.auth_file)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         device = cli.resolve_device(args.device)
         dtype = cli.DTYPES[args.dtype] if args.dtype else default_dtype(device)
@@ -570,26 +576,34 @@ def main(argv=None) -> int:
         print(f"loaded {args.weights} on {device} ({str(dtype).replace('torch.', '')}) in "
               f"{time.perf_counter() - started:.1f} s" + ("; the tiny random model: its images are noise"
                                                           if studio.is_tiny else ""), file=sys.stderr)
-        return serve(build_app(studio), args, outputs, uploads, limits)
+        notice = exposure_notice(args.host, args.port, login=bool(users))
+        return serve(build_app(studio, notice), args, outputs, uploads, limits, users)
     finally:
         shutil.rmtree(uploads, ignore_errors=True)
 
 
-def serve(demo, args, outputs: Path, uploads: Path, limits: Limits) -> int:
-    """Listen until Ctrl-C."""
+def serve(demo, args, outputs: Path, uploads: Path, limits: Limits, users: list[tuple[str, str]]) -> int:
+    """Listen until Ctrl-C or SIGTERM."""
+    from fastapi.middleware import Middleware
+
     demo.queue(default_concurrency_limit=1, max_size=args.max_queue)
+    host_check = Middleware(HostCheck, allowed=allowed_hosts(args.host, args.allowed_host))
     try:
         # an upload may be as large as the largest picture taken uncompressed (RGBA), and a little more
         demo.launch(server_name=args.host, server_port=args.port, quiet=True, prevent_thread_lock=True, css=CSS,
-                    footer_links=["api"], max_file_size=4 * limits.max_pixels + (1 << 20))
+                    footer_links=["api"], max_file_size=4 * limits.max_pixels + (1 << 20),
+                    app_kwargs={"middleware": [host_check]}, auth=users or None,
+                    auth_message="minifusion: log in with a name and password the server was started with")
     except OSError as e:
         print(f"error: cannot listen on {args.host}:{args.port} ({e}); choose another --port", file=sys.stderr)
         return 2
     print(f"minifusion UI on http://{args.host}:{args.port}/ (outputs in {outputs}, uploads in {uploads} while it "
           f"runs); runs up to {limits.max_size} px a side, at most {args.max_queue} waiting", file=sys.stderr)
-    if reachable_from_network(args.host):
-        print(f"--host {args.host}: the UI is reachable from the network; anyone who can reach this machine on "
-              f"port {args.port} can generate images and download what is in {outputs}", file=sys.stderr)
+    if reachable_from_network(args.host) and not users:
+        print(f"--host {args.host}: the UI is reachable from the network without a login; anyone who can reach this "
+              f"machine on port {args.port} can generate images and download what is in {outputs} (--auth-file "
+              "asks for one)", file=sys.stderr)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a service manager's stop ends it as Ctrl-C does
     try:
         demo.block_thread()
     except KeyboardInterrupt:

@@ -1,5 +1,6 @@
 """What several test files share: the reference SDXL UNet config, the check of a one-line loading error, the
 files users load beside the tiny checkpoint and the web UI started in a subprocess."""
+import io
 import json
 import socket
 import subprocess
@@ -113,3 +114,25 @@ def stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def uploaded(folder: Path, name: str, picture: Image.Image | bytes, **save) -> str:
+    """A file as Gradio's upload route leaves it: in a folder of its own inside the upload folder."""
+    path = folder / f"{abs(hash(name)):x}" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(picture, bytes):
+        path.write_bytes(picture)
+    else:
+        picture.save(path, **save)
+    return str(path)
+
+
+def jpeg_header(width: int, height: int) -> bytes:
+    """A tiny JPEG whose header claims width x height: a decompression bomb as it looks from outside (the issue's
+    was 631 bytes for 9400 x 9400)."""
+    buf = io.BytesIO()
+    Image.new("L", (16, 16)).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)

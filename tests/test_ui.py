@@ -31,10 +31,13 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
 from minifusion import ui
+from minifusion.access import exposure_notice
 from minifusion.files import load_latents
 from minifusion.metadata import parse_a1111
 from minifusion.pipeline import check_request
+from minifusion.studio import Studio
 from minifusion.tiny import TINY, random_models, write_single_file
+from minifusion.uploads import Uploads
 
 CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 BASE, WINDOW = 256, 32  # the tiny model's
@@ -73,9 +76,14 @@ def test_size_presets_are_valid_requests_of_the_named_sizes():
             check_request(base, base // 8, h, w, stride=base // 16)
 
 
-def test_only_loopback_addresses_stay_off_the_network():
-    assert not any(map(ui.reachable_from_network, ["127.0.0.1", "::1", "localhost", "127.0.1.1"]))
-    assert all(map(ui.reachable_from_network, ["0.0.0.0", "::", "192.168.1.5", "myhost.local"]))
+def test_the_page_says_when_anyone_on_the_network_may_use_it(tiny_pipe, tiny_file, tmp_path):
+    notice = exposure_notice("0.0.0.0", 7860, login=False)
+    studio = Studio(tiny_pipe, tiny_file, tmp_path, Uploads(tmp_path / "uploads", 1 << 20))
+    shown = [c["props"].get("value") for c in ui.build_app(studio, notice).get_config_file()["components"]
+             if c["props"].get("elem_id") == "exposed"]
+    assert shown == [notice] and "without a login" in notice and "--auth-file" in notice
+    assert not [c for c in ui.build_app(studio).get_config_file()["components"]
+                if c["props"].get("elem_id") == "exposed"]
 
 
 

@@ -5,6 +5,7 @@ server paths) and gradio_client requests, each attack bounded in requests and se
 One app serves the module; its working, temporary and home folders are empty but for its weights, and a canary
 picture lies outside every folder it serves, so that a test can tell whether it was ever read or copied.
 """
+import http.client
 import io
 import json
 import os
@@ -15,9 +16,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from gradio_client import Client, handle_file
+from gradio_client import Client
 from gradio_client.exceptions import AppError
-from helpers import serving, start_ui, stop, wait_for, write_adapters
+from helpers import jpeg_header, serving, start_ui, stop, wait_for, write_adapters
 from PIL import Image
 
 from minifusion.tiny import TINY, random_models, write_single_file
@@ -46,7 +47,8 @@ def server(tmp_path_factory):
     env = {**os.environ, "TMPDIR": str(tmp), "HOME": str(home), "OMP_NUM_THREADS": "1"}
     env.pop("GRADIO_TEMP_DIR", None)
     log = root / "app.log"
-    proc, url = start_ui(weights, work, log, env, "--max-size", str(MAX_SIZE), "--max-queue", str(MAX_QUEUE))
+    proc, url = start_ui(weights, work, log, env, "--max-size", str(MAX_SIZE), "--max-queue", str(MAX_QUEUE),
+                         "--allowed-host", "tunnel.example")
     try:
         serving(proc, url, log)
         yield {"url": url, "proc": proc, "root": root, "outputs": work / "outputs", "canary": canary, "log": log,
@@ -165,16 +167,6 @@ def test_an_uploaded_page_is_never_served_as_one_and_kept_pictures_are_pngs(serv
     assert not [p for p in server["outputs"].rglob("*") if p.suffix.lower() in (".html", ".htm", ".svg")]
 
 
-def jpeg_header(width: int, height: int) -> bytes:
-    """A tiny JPEG whose header claims width x height (the issue's was 631 bytes for 9400 x 9400)."""
-    buf = io.BytesIO()
-    Image.new("L", (16, 16)).save(buf, "JPEG")
-    data = bytearray(buf.getvalue())
-    sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
-    return bytes(data)
-
-
 def test_a_run_over_the_size_limit_is_refused_before_anything_runs(server):
     """--max-size: 65536 x 65536 (64 scales of SDXL) and the size a large uploaded picture implies are refused at
     once, with the limit; the page's size probe sets the largest allowed size instead. (Before: accepted, and
@@ -280,3 +272,72 @@ def test_requests_are_served_in_order_and_past_the_queue_length_refused_with_a_r
                if re.fullmatch(r"\d{5}-\d+\.png", p.name)}
     order = [seed for _, seed in sorted(numbers.items()) if 30 <= seed < 31 + MAX_QUEUE]
     assert order == list(range(30, 31 + MAX_QUEUE)) and 99 not in numbers.values()
+
+
+def answer(url: str, method: str, path: str, host: str | None = None, body: bytes | None = None,
+           headers: dict | None = None) -> tuple[int, bytes]:
+    """A raw request with the Host header given (http.client sends what it is told)."""
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection.putrequest(method, path, skip_host=True)
+    for name, value in {"Host": host or f"127.0.0.1:{port}", **(headers or {})}.items():
+        connection.putheader(name, value)
+    connection.putheader("Content-Length", str(len(body or b"")))
+    connection.endheaders(body)
+    reply = connection.getresponse()
+    status, content = reply.status, reply.read()
+    connection.close()
+    return status, content
+
+
+def test_a_request_naming_another_host_is_refused_on_every_route(server):
+    """DNS rebinding: a page elsewhere points its own name at 127.0.0.1 and drives the app from its visitor's
+    browser; every such request names that other host. (Before: answered, a file read, with forged Host and
+    Origin headers.)"""
+    url, port = server["url"], int(server["url"].rsplit(":", 1)[1].strip("/"))
+    server["client"].predict("a fox", width=256, height=256, steps=1, seed=40, api_name="/generate")
+    png_path = next(server["outputs"].glob("*-40.png"))
+    join = json.dumps({"data": [], "fn_index": 0, "session_hash": "x"}).encode()
+    routes = [("GET", "/", None), ("GET", "/config", None), ("GET", "/gradio_api/info", None),
+              ("POST", "/gradio_api/upload", b"--b--\r\n"), ("POST", "/gradio_api/queue/join", join),
+              ("POST", "/gradio_api/run/predict", join), ("GET", f"/gradio_api/file={png_path}", None)]
+    for forged in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "[::2]"):
+        for method, path, body in routes:
+            status, reply = answer(url, method, path, forged, body, {"Origin": f"http://{forged}"})
+            assert status == 421 and b"not a name of this server" in reply, (forged, path, status)
+    for named in (f"127.0.0.1:{port}", f"localhost:{port}", "tunnel.example"):
+        assert answer(url, "GET", "/", named)[0] == 200
+        assert answer(url, "GET", f"/gradio_api/file={png_path}", named)[0] == 200
+
+
+def test_a_login_keeps_an_anonymous_client_out_of_the_page_and_the_api(server, tmp_path):
+    """--auth-file: without the login, neither the page's app nor /generate nor an upload; with it, /generate
+    runs. When this server stops, its upload folder goes."""
+    logins = tmp_path / "logins"
+    logins.write_text("ann:open sesame\n")
+    env = {**os.environ, "TMPDIR": str(server["tmp"]), "OMP_NUM_THREADS": "1"}
+    env.pop("GRADIO_TEMP_DIR", None)
+    (tmp_path / "work").mkdir()
+    log = tmp_path / "app.log"
+    weights = server["root"] / "work" / "weights" / "tiny_sdxl.safetensors"
+    proc, url = start_ui(weights, tmp_path / "work", log, env, "--auth-file", str(logins))
+    try:
+        serving(proc, url, log)
+        status, page = answer(url, "GET", "/")
+        assert b"Drop a picture" not in page and b"tiny_sdxl" not in page  # the login form, not the app
+        assert answer(url, "GET", "/config")[0] == 401
+        join = json.dumps({"data": ["a fox"], "fn_index": 11, "session_hash": "x"}).encode()
+        for path, body in (("/gradio_api/queue/join", join), ("/gradio_api/run/predict", join),
+                           ("/gradio_api/call/generate", b'{"data": ["a fox"]}'),
+                           ("/gradio_api/upload", b"--b--\r\n")):
+            assert answer(url, "POST", path, body=body, headers={"Content-Type": "application/json"})[0] == 401, path
+        with pytest.raises(Exception):
+            Client(url, verbose=False)
+        client = Client(url, auth=("ann", "open sesame"), verbose=False, download_files=str(tmp_path / "client"))
+        files, summary = client.predict("a fox", width=256, height=256, steps=1, api_name="/generate")
+        assert summary["scales"][0]["width"] == 256
+        uploads = Path(re.search(r"uploads in (\S+) while it runs", log.read_text()).group(1))
+        assert uploads.is_dir()
+    finally:
+        stop(proc)
+    assert not uploads.exists()
