@@ -5,6 +5,7 @@ run, and Studio: the loaded model and the output folder, one run at a time, with
 """
 import gc
 import logging
+import os
 import queue
 import secrets
 import threading
@@ -352,7 +353,34 @@ class Studio:
     def settings(self, values: dict) -> dict:
         """The request's settings, or RequestError for what the CLI refuses before it runs, or this server
         (Limits): LoRAs, VAE and ControlNet named as the page lists them (found in their folders) and checked as
-        the CLI checks them, pictures only as uploaded (Uploads), a memory budget nothing fits in."""
+        the CLI checks them, pictures only as uploaded (Uploads), a memory budget nothing fits in. Its message
+        is for the client (for_clients)."""
+        try:
+            return self._settings(values)
+        except RequestError as e:
+            raise RequestError(e.field, self.for_clients(str(e))) from None
+
+    def for_clients(self, value):
+        """A text, or a run's settings, as a client may see it: a path without the server's own folders before
+        it (a LoRA by its name in the LoRA folder, an image by its name in the output folder)."""
+        if isinstance(value, str):
+            for folder in self._folders:
+                value = value.replace(folder, "")
+            return value
+        if isinstance(value, dict):
+            return {k: self.for_clients(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.for_clients(v) for v in value]
+        return value
+
+    @property
+    def _folders(self) -> list[str]:
+        """The server's folders a client's text may name, longest first (one may hold another)."""
+        folders = [getattr(self.folders, k) for k in FOLDERS] + [self.outputs, self.uploads.folder,
+                                                                 Path(os.path.abspath(self.weights)).parent]
+        return sorted({str(f) + os.sep for f in folders}, key=len, reverse=True)
+
+    def _settings(self, values: dict) -> dict:
         pictures = {k: _checked(k, self.uploads.open, values[k]) for k in ("image", "control_image") if values.get(k)}
         settings = settings_from({**values, **pictures, **self._paths(values)}, self.base, self.window)
         check(settings, self.base, self.window)

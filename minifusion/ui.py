@@ -265,7 +265,8 @@ def _request(page: Page, values) -> dict:
     return values
 
 
-def _show(page: Page, events: Iterator, progress: RunProgress, settings: dict, shown: list, before: str | None):
+def _show(studio: Studio, page: Page, events: Iterator, progress: RunProgress, settings: dict, shown: list,
+          before: str | None):
     """Page updates from a run's events: every step moves its bar, every finished scale joins the gallery, the
     slider and the download; the last line says how it ended."""
     final, loading, loaded = None, None, ""
@@ -300,7 +301,7 @@ def _show(page: Page, events: Iterator, progress: RunProgress, settings: dict, s
         line = status_html(f"{e}; kept {len(shown)} finished scale(s)" if shown else str(e))
     except Exception as e:  # the app keeps serving: one line in the page, the traceback on the console
         log.error("the run failed", exc_info=e)
-        line = status_html(f"error: {error_line(e, settings)}", "error")
+        line = status_html(f"error: {studio.for_clients(error_line(e, settings))}", "error")
     yield {page.status: line, page.progress: progress.html()}
 
 
@@ -325,8 +326,8 @@ def _run_events(studio: Studio, page: Page, demo) -> None:
         before = None if settings["image"] is None else str(settings["image"].path)
         switch = studio.switch(token)
         try:
-            yield from _show(page, studio.run(settings, switch), studio.progress(settings, 1 if before is None else 2),
-                             settings, [], before)
+            yield from _show(studio, page, studio.run(settings, switch),
+                             studio.progress(settings, 1 if before is None else 2), settings, [], before)
         finally:
             studio.release(token, switch)
 
@@ -334,7 +335,7 @@ def _run_events(studio: Studio, page: Page, demo) -> None:
         try:
             studio.resume((last or {}).get("latents"), height, width)
         except (RequestError, LatentFileError) as e:
-            error = e if isinstance(e, RequestError) else RequestError("size", str(e))
+            error = e if isinstance(e, RequestError) else RequestError("size", studio.for_clients(str(e)))
             return _validations(error, ["token", "last", "width", "height"])
         return _validations(None, ["token", "last", "width", "height"])
 
@@ -345,8 +346,9 @@ def _run_events(studio: Studio, page: Page, demo) -> None:
         settings.update(height=int(height), width=int(width))
         switch = studio.switch(token)
         try:
-            yield from _show(page, studio.run(settings, switch, saved), studio.progress(settings, saved.scale + 1),
-                             settings, list(last["gallery"]), last["before"])
+            yield from _show(studio, page, studio.run(settings, switch, saved),
+                             studio.progress(settings, saved.scale + 1), settings, list(last["gallery"]),
+                             last["before"])
         finally:
             studio.release(token, switch)
 
@@ -450,7 +452,8 @@ def _api(studio: Studio) -> None:
                      control_start: float = 0.0, control_end: float = 1.0, guess_mode: bool = False
                      ) -> tuple[list[FileData], dict]:
         """Generate: the PNG of every scale (base scale first, each with the settings in its metadata) and a
-        summary (the settings used; per scale its size, seconds and latents file). Arguments as the CLI's
+        summary (the settings used, files by their names in the app's folders; per scale its size, seconds and
+        latents file). Arguments as the CLI's
         flags: width/height default to 2 x the base size, seed None or -1 draws one, image upscales a picture
         (gradio_client.handle_file); lora ["NAME:WEIGHT", ...], vae and controlnet by their names in the app's
         folders (as the page lists them), control_image the ControlNet's picture, canny its edges."""
@@ -473,11 +476,11 @@ def _api(studio: Studio) -> None:
             raise
         except Exception as e:
             log.error("the run failed", exc_info=e)
-            raise gr.Error(error_line(e, settings), print_exception=False) from None
+            raise gr.Error(studio.for_clients(error_line(e, settings)), print_exception=False) from None
         return ([FileData(path=str(ev.png)) for ev in done],
-                {"settings": done[-1].settings, "scales": [
+                {"settings": studio.for_clients(done[-1].settings), "scales": [
                     {"scale": ev.scale, "width": ev.size[0], "height": ev.size[1], "seconds": ev.seconds,
-                     "latents": str(ev.latents)} for ev in done]})
+                     "latents": ev.latents.name} for ev in done]})
 
     gr.api(api_generate, api_name="generate", **DEVICE)
 

@@ -16,10 +16,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from helpers import jpeg_header, serving, start_ui, stop, wait_for, write_adapters
 from PIL import Image
+from safetensors.torch import save_file
 
 from minifusion.tiny import TINY, random_models, write_single_file
 
@@ -130,14 +132,19 @@ def test_no_file_outside_the_upload_folder_is_opened_or_copied_and_none_is_said_
     folder. (Before: /generate copied it byte for byte into outputs/, the Canny preview returned its edges, and
     the errors told which paths existed.)"""
     client, canary = server["client"], server["canary"]
+    fifo = canary.with_name("fifo.png")  # a read from it would wait for a writer, holding the queue for everyone
+    os.mkfifo(fifo)
     refusals = []
-    for path in (str(canary), str(canary.with_name("missing.png")), "/etc/passwd"):
+    started = time.monotonic()
+    for path in (str(canary), str(canary.with_name("missing.png")), "/etc/passwd", str(fifo),
+                 f"{server['outputs']}/../../private/canary.png"):
         for field, extra in (("image", {}), ("control_image", {"controlnet": "controlnet"})):
             with pytest.raises(AppError) as err:
                 client.predict("a fox", width=512, steps=1, api_name="/generate", **{field: {"path": path}}, **extra)
             refusals.append(str(err.value))
     assert len({re.sub(r"^\S+: ", "", r) for r in refusals}) == 1, refusals
     assert all(": not a picture uploaded to this server; upload it" in r and "/" not in r for r in refusals)
+    assert time.monotonic() - started < 30
     size_probe = page_event(server, "image")
     canny_preview = page_event(server, "control-image")
     for path in (str(canary), str(canary.with_name("missing.png"))):
@@ -148,6 +155,22 @@ def test_no_file_outside_the_upload_folder_is_opened_or_copied_and_none_is_said_
         assert "not a picture uploaded to this server" in reply["data"][0]["label"]
     copies = [p for p in server["outputs"].rglob("*") if p.is_file() and p.read_bytes() == canary.read_bytes()]
     assert copies == [] and not any(p.name.startswith("canary") for p in server["outputs"].rglob("*"))
+    # Gradio's own file route serves neither (it refuses a path outside what it serves)
+    for path in (canary, f"{server['outputs']}/../private/canary.png", "/etc/passwd"):
+        assert answer(server["url"], "GET", f"/gradio_api/file={path}")[0] == 403
+
+
+def test_continue_takes_its_latents_from_the_server_not_from_the_client(server):
+    """The continue event's run is the session's own last one, held by the server: latents a client sends in
+    its place are not read."""
+    config = json.loads(urllib.request.urlopen(server["url"] + "config", timeout=10).read())
+    button = next(c["id"] for c in config["components"] if c["props"].get("elem_id") == "continue")
+    arm = next(d["id"] for d in config["dependencies"] if [button, "click"] in d["targets"])
+    then = next(d for d in config["dependencies"] if d.get("trigger_after") == arm)
+    forged = {"latents": str(server["canary"]), "gallery": [], "before": None}
+    body = json.dumps({"data": ["token", forged, 768, 384], "fn_index": then["id"], "session_hash": "attacker"})
+    status, reply = post(server["url"] + "gradio_api/queue/join", body.encode(), "application/json")
+    assert status == 422 and b"nothing to continue yet: generate first" in reply  # its validation, at once
 
 
 def test_an_uploaded_page_is_never_served_as_one_and_kept_pictures_are_pngs(server):
@@ -341,3 +364,22 @@ def test_a_login_keeps_an_anonymous_client_out_of_the_page_and_the_api(server, t
     finally:
         stop(proc)
     assert not uploads.exists()
+
+
+def test_replies_name_no_server_folder(server):
+    """A run's summary and a refusal name files by where they lie in the app's folders, not by the server's
+    paths. (Before: the summary's settings and latents, and a broken LoRA's refusal, were absolute paths.)"""
+    bad = server["root"] / "work" / "weights" / "loras" / "bad.safetensors"
+    save_file({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(4, 32),
+               "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(64, 4)}, str(bad))
+    client, root = server["client"], str(server["root"])
+    with pytest.raises(AppError) as err:
+        client.predict("a fox", width=256, height=256, steps=1, lora=["bad.safetensors"], api_name="/generate")
+    assert str(err.value).startswith("bad.safetensors: does not fit this SDXL model") and root not in str(err.value)
+    picture = upload(server, "pic.png", png())
+    files, summary = client.predict("a fox", width=512, steps=1, seed=41, lora=["style.safetensors:0.5"],
+                                    image={"path": picture, "meta": {"_type": "gradio.FileData"}}, api_name="/generate")
+    assert summary["settings"]["lora"] == [["style.safetensors", 0.5]]
+    assert re.fullmatch(r"\d{5}-41\.input\.png", summary["settings"]["image"])
+    assert re.fullmatch(r"\d{5}-41\.x1\.latent\.safetensors", summary["scales"][0]["latents"])
+    assert root not in json.dumps(summary)

@@ -52,6 +52,7 @@ def test_a_pictures_header_is_checked_before_its_pixels_are_decoded(uploads, mon
     for name, data, message in (
             ("bomb.jpg", jpeg_header(9400, 9400), "bomb.jpg: 9400x9400 is more than this server decodes, 1.0 "
              "million pixels; make it smaller"),
+            ("huge.jpg", jpeg_header(20000, 20000), "huge.jpg: over Pillow's limit of "),
             ("deep.png", deep, "deep.png: 800x800 is more than this server decodes, 0.3 million pixels at 16 or "
              "32 bits a channel"),
             ("notes.txt", b"not a picture", "notes.txt: not a picture this server reads (PNG, JPEG, WEBP, TIFF"),
