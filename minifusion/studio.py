@@ -19,7 +19,7 @@ from PIL import Image
 
 from . import __main__ as cli
 from . import memory, metadata
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, trim_heap
 from .controlnet import canny, phase1_condition_size
 from .controlnet_file import inspect_controlnet
 from .demofusion import scale_sizes
@@ -482,42 +482,49 @@ class Studio:
 
     def _run(self, settings: dict, cancel: threading.Event, resume: SavedScale | None, put: Callable) -> None:
         with self._slot:  # the file numbers too: two runs would pick the same one
-            if cancel.is_set():  # pressed while the request waited in the queue
-                raise Cancelled("cancelled before the run started")
-            settings = {**settings, "seed": cli.seed_of(settings)[0]}
-            n_scales = len(scale_sizes(settings["height"], settings["width"], self.base))
-            paths = cli.output_paths(cli.numbered(self.outputs, [settings["seed"]])[0], n_scales)
-            if resume is None:  # a resumed run's pictures were kept by the run it continues
-                for name, role in (("image", "input"), ("control_image", "control")):
-                    if settings[name] is not None:
-                        settings[name] = str(self._keep_picture(settings[name], paths[-1], role,
-                                                                (settings["width"], settings["height"])))
-            kwargs = {metadata.SETTINGS[k]: v for k, v in settings.items()
-                      if k in metadata.SETTINGS and k != "prompt"}
-            # recorded as the CLI records them: the control picture by its path (it is handed over as pixels)
-            record = {k: settings[k] for k in ("control_image", "canny") if settings.get(k) is not None}
-            if resume is not None:  # a resumed run has its picture in its latents already; its images still name it
-                kwargs["image"], record["image"] = None, settings["image"]
-            for ev in self.use(Adapters.of(settings)):
-                put(ev)
-            try:  # the CLI's condition image: the picture, or its Canny edges at phase 1's size
-                cli.control(settings, kwargs, self.configs)
-            except cli.UserError as e:
-                raise RequestError("control_image", str(e)) from None
+            try:
+                self._generate(settings, cancel, resume, put)
+            finally:
+                # glibc keeps what the run's thread freed (below its mmap threshold, which grows to 32 MiB) in that
+                # thread's heap; handed back, the server's resident set returns to where it was between runs
+                trim_heap(0)
 
-            def on_step(scale, step, steps, evals):  # step 0: the scale begins
-                put(Step(scale, step, steps, evals))
-                if cancel.is_set():
-                    raise Cancelled(f"cancelled after step {step}/{steps} of scale {scale}" if step else
-                                    f"cancelled as scale {scale} began")
+    def _generate(self, settings: dict, cancel: threading.Event, resume: SavedScale | None, put: Callable) -> None:
+        if cancel.is_set():  # pressed while the request waited in the queue
+            raise Cancelled("cancelled before the run started")
+        settings = {**settings, "seed": cli.seed_of(settings)[0]}
+        n_scales = len(scale_sizes(settings["height"], settings["width"], self.base))
+        paths = cli.output_paths(cli.numbered(self.outputs, [settings["seed"]])[0], n_scales)
+        if resume is None:  # a resumed run's pictures were kept by the run it continues
+            for name, role in (("image", "input"), ("control_image", "control")):
+                if settings[name] is not None:
+                    settings[name] = str(self._keep_picture(settings[name], paths[-1], role,
+                                                            (settings["width"], settings["height"])))
+        kwargs = {metadata.SETTINGS[k]: v for k, v in settings.items() if k in metadata.SETTINGS and k != "prompt"}
+        # recorded as the CLI records them: the control picture by its path (it is handed over as pixels)
+        record = {k: settings[k] for k in ("control_image", "canny") if settings.get(k) is not None}
+        if resume is not None:  # a resumed run has its picture in its latents already; its images still name it
+            kwargs["image"], record["image"] = None, settings["image"]
+        for ev in self.use(Adapters.of(settings)):
+            put(ev)
+        try:  # the CLI's condition image: the picture, or its Canny edges at phase 1's size
+            cli.control(settings, kwargs, self.configs)
+        except cli.UserError as e:
+            raise RequestError("control_image", str(e)) from None
 
-            for scale in self.pipe.iter_generate(settings["prompt"], callback=on_step, resume=resume, record=record,
-                                                 **kwargs):
-                path = paths[scale.scale - 1]
-                metadata.save_png(scale.image, path)  # the metadata iter_generate put in the image, as the CLI does
-                save_latents(latent_path(path), scale.saved())
-                put(Finished(scale.scale, path, latent_path(path), scale.image.size, scale.stats.get("seconds"),
-                             scale.settings))
+        def on_step(scale, step, steps, evals):  # step 0: the scale begins
+            put(Step(scale, step, steps, evals))
+            if cancel.is_set():
+                raise Cancelled(f"cancelled after step {step}/{steps} of scale {scale}" if step else
+                                f"cancelled as scale {scale} began")
+
+        for scale in self.pipe.iter_generate(settings["prompt"], callback=on_step, resume=resume, record=record,
+                                             **kwargs):
+            path = paths[scale.scale - 1]
+            metadata.save_png(scale.image, path)  # the metadata iter_generate put in the image, as the CLI does
+            save_latents(latent_path(path), scale.saved())
+            put(Finished(scale.scale, path, latent_path(path), scale.image.size, scale.stats.get("seconds"),
+                         scale.settings))
 
     def use(self, want: Adapters) -> Iterator[Loading]:
         """Make `pipe` the checkpoint with `want`, loading it when another set is loaded. The loaded pipeline
