@@ -443,21 +443,23 @@ def _api(studio: Studio) -> None:
     from gradio import FileData
 
     async def api_generate(prompt: str, negative: str = "", width: int | None = None, height: int | None = None,
-                     steps: int = 50, guidance: float = 7.5, seed: int | None = None, scheduler: str = "ddim",
-                     view_batch: int | None = None, stride: int | None = None, c1: float = 3.0, c2: float = 1.0,
-                     c3: float = 1.0, sigma: float = 0.8, tiled_decode: bool = True, jitter: bool = True,
-                     max_memory: str | None = None, image: FileData | None = None,
-                     lora: list[str] | None = None, vae: str | None = None, controlnet: str | None = None,
-                     control_image: FileData | None = None, canny: bool = False, control_scale: float = 1.0,
-                     control_start: float = 0.0, control_end: float = 1.0, guess_mode: bool = False
-                     ) -> tuple[list[FileData], dict]:
+                           steps: int = 50, guidance: float = 7.5, seed: int | None = None, scheduler: str = "ddim",
+                           view_batch: int | None = None, stride: int | None = None, c1: float = 3.0,
+                           c2: float = 1.0, c3: float = 1.0, sigma: float = 0.8, tiled_decode: bool = True,
+                           jitter: bool = True, max_memory: str | None = None, image: FileData | None = None,
+                           lora: list[str] | None = None, vae: str | None = None, controlnet: str | None = None,
+                           control_image: FileData | None = None, canny: bool = False, control_scale: float = 1.0,
+                           control_start: float = 0.0, control_end: float = 1.0, guess_mode: bool = False
+                           ) -> tuple[list[FileData], dict]:
         """Generate: the PNG of every scale (base scale first, each with the settings in its metadata) and a
         summary (the settings used, files by their names in the app's folders; per scale its size, seconds and
-        latents file). Arguments as the CLI's
-        flags: width/height default to 2 x the base size, seed None or -1 draws one, image upscales a picture
-        (gradio_client.handle_file); lora ["NAME:WEIGHT", ...], vae and controlnet by their names in the app's
-        folders (as the page lists them), control_image the ControlNet's picture, canny its edges."""
+        latents file). Arguments as the CLI's flags: width/height default to 2 x the base size, seed None or -1
+        draws one, image upscales a picture (gradio_client.handle_file); lora ["NAME:WEIGHT", ...], vae and
+        controlnet by their names in the app's folders (as the page lists them), control_image the ControlNet's
+        picture, canny its edges."""
         values = dict(locals())
+        if not isinstance(lora or [], list) or not all(isinstance(spec, str) for spec in lora or []):
+            raise gr.Error('lora: a list of "NAME:WEIGHT"', print_exception=False)
         try:
             values["lora"] = [parse_spec(spec) for spec in lora or []]
         except ValueError as e:
