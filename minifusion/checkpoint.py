@@ -283,7 +283,7 @@ def _heap_trimmer() -> Callable[[], object]:
         return lambda *_: None
 
 
-_trim_heap = _heap_trimmer()
+trim_heap = _heap_trimmer()
 
 
 def load_part(info, strict, device, dtype) -> torch.nn.Module:
@@ -307,7 +307,7 @@ def _materialise(model, table, src: TensorSource, device, dtype, patch=None, rea
             if merged is not t:
                 # the merge's float32 temporaries would stay resident as holes: two SDXL LoRAs, 10.6 GB of
                 # resident memory growth for a 6.9 GB file instead of 7.3
-                _trim_heap(0)
+                trim_heap(0)
             t = merged
         state[ours] = t.to(device=device, dtype=dtype).contiguous()
     model.load_state_dict(state, strict=True, assign=True)

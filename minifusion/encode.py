@@ -77,13 +77,14 @@ class ImageError(ValueError):
     """An image input that cannot be used; the message is one line naming the input and the problem."""
 
 
-def open_image(image: Image.Image | str | Path) -> Image.Image:
-    """A file or PIL image -> an 8-bit RGB PIL image, upright (EXIF orientation applied), else ImageError."""
+def open_image(image: Image.Image | str | Path, name: str | None = None) -> Image.Image:
+    """A file or PIL image -> an 8-bit RGB PIL image, upright (EXIF orientation applied), else ImageError.
+    `name`: what its messages call it (default: the path, or the image's file name)."""
     if isinstance(image, Image.Image):
-        return _prepare(image, getattr(image, "filename", "") or "the image")
+        return _prepare(image, name or getattr(image, "filename", "") or "the image")
     if not isinstance(image, (str, Path)):
         raise TypeError(f"image must be a PIL image or a path, not {type(image).__name__}")
-    name, path = str(image), Path(image)
+    name, path = name or str(image), Path(image)
     if path.is_file() and path.stat().st_size == 0:
         raise ImageError(f"{name}: the file is empty (0 bytes)")
     try:

@@ -1,6 +1,13 @@
-"""What several test files share: the reference SDXL UNet config, the check of a one-line loading error and the
-files users load beside the tiny checkpoint."""
+"""What several test files share: the reference SDXL UNet config, the check of a one-line loading error, the
+files users load beside the tiny checkpoint and the web UI started in a subprocess."""
+import io
 import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +65,74 @@ def write_adapters(lora: Path, vae: Path, embedding: Path, controlnet: Path, pic
     square = np.zeros((256, 256, 3), dtype=np.uint8)
     square[64:192, 64:192] = 255
     Image.fromarray(square).save(picture)
+
+
+def wait_for(condition, timeout: float, what: str, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ui(weights: Path, work: Path, log: Path, env: dict, *flags: str) -> tuple[subprocess.Popen, str]:
+    """`python -m minifusion.ui` on the tiny checkpoint `weights`, on a free port of 127.0.0.1, run in `work`,
+    its console in `log`; (the process, its URL). serving() waits for it."""
+    port = free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "minifusion.ui", "--weights", str(weights), "--port", str(port),
+                                 "--device", "cpu", "--dtype", "float32", *flags], cwd=work, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}/"
+
+
+def serving(proc: subprocess.Popen, url: str, log: Path, timeout: float = 90) -> None:
+    def answers():
+        if proc.poll() is not None:
+            raise AssertionError(f"the app exited ({proc.returncode}):\n{log.read_text()}")
+        try:
+            return urllib.request.urlopen(url, timeout=2).status == 200
+        except urllib.error.HTTPError:  # a login it asks for is an answer
+            return True
+        except OSError:
+            return False
+
+    wait_for(answers, timeout, "the app to serve")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def uploaded(folder: Path, name: str, picture: Image.Image | bytes, **save) -> str:
+    """A file as Gradio's upload route leaves it: in a folder of its own inside the upload folder."""
+    path = folder / f"{abs(hash(name)):x}" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(picture, bytes):
+        path.write_bytes(picture)
+    else:
+        picture.save(path, **save)
+    return str(path)
+
+
+def jpeg_header(width: int, height: int) -> bytes:
+    """A tiny JPEG whose header claims width x height: a decompression bomb as it looks from outside (the issue's
+    was 631 bytes for 9400 x 9400)."""
+    buf = io.BytesIO()
+    Image.new("L", (16, 16)).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)

@@ -13,19 +13,16 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
-from helpers import write_adapters
+from helpers import serving, start_ui, stop, wait_for, write_adapters
 from PIL import Image
 from safetensors.torch import save_file
 from selenium import webdriver
@@ -34,10 +31,13 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
 from minifusion import ui
-from minifusion.files import SavedScale, load_latents
+from minifusion.access import exposure_notice
+from minifusion.files import load_latents
 from minifusion.metadata import parse_a1111
 from minifusion.pipeline import check_request
+from minifusion.studio import Studio
 from minifusion.tiny import TINY, random_models, write_single_file
+from minifusion.uploads import Uploads
 
 CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 BASE, WINDOW = 256, 32  # the tiny model's
@@ -45,15 +45,6 @@ FAST = {"steps": 2, "seed": 7}
 needs_browser = pytest.mark.skipif(not (CHROMIUM.exists() and DRIVER.exists()),
                                    reason="needs Debian's chromium and chromium-driver (/usr/bin/chromium, "
                                    "/usr/bin/chromedriver): apt-get install chromium chromium-driver")
-
-
-def wait_for(condition, timeout: float, what: str, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def metadata(png: Path) -> dict:
@@ -85,194 +76,18 @@ def test_size_presets_are_valid_requests_of_the_named_sizes():
             check_request(base, base // 8, h, w, stride=base // 16)
 
 
-@pytest.mark.parametrize("values,field,message", [
-    ({"width": 500}, "width", "width 500 is not a multiple of 8; pick e.g. 496"),
-    ({"width": 128, "height": 128}, "size", "below this model's base size"),
-    ({"steps": 0}, "steps", "num_inference_steps 0 is invalid"),
-    ({"sigma": 0}, "sigma", "sigma 0 is invalid"),
-    ({"stride": 33}, "stride", "stride 33 is invalid; it must be an integer from 1 to the window size, 32"),
-    ({"max_memory": "lots"}, "max_memory", "'lots' is not a memory size"),
-    ({"prompt": "  "}, "prompt", "no prompt given"),
-])
-def test_bad_requests_name_the_field_with_the_clis_message(values, field, message):
-    with pytest.raises(ui.RequestError, match=message) as err:
-        ui.check(ui.settings_from({"prompt": "a fox", **values}, BASE, WINDOW), BASE, WINDOW)
-    assert err.value.field == field
+def test_the_page_says_when_anyone_on_the_network_may_use_it(tiny_pipe, tiny_file, tmp_path):
+    notice = exposure_notice("0.0.0.0", 7860, login=False)
+    studio = Studio(tiny_pipe, tiny_file, tmp_path, Uploads(tmp_path / "uploads", 1 << 20))
+    shown = [c["props"].get("value") for c in ui.build_app(studio, notice).get_config_file()["components"]
+             if c["props"].get("elem_id") == "exposed"]
+    assert shown == [notice] and "without a login" in notice and "--auth-file" in notice
+    assert not [c for c in ui.build_app(studio).get_config_file()["components"]
+                if c["props"].get("elem_id") == "exposed"]
 
-
-def test_settings_are_the_clis_with_its_defaults():
-    s = ui.settings_from({"prompt": " a fox ", "negative": "", "width": None, "view_batch": None,
-                          "max_memory": "1.5", "random_seed": True}, BASE, WINDOW)
-    assert s == {"prompt": "a fox", "negative": None, "height": 512, "width": 512, "steps": 50, "guidance": 7.5,
-                 "seed": None, "scheduler": "ddim", "stride": 16, "view_batch": None, "c1": 3.0, "c2": 1.0,
-                 "c3": 1.0, "sigma": 0.8, "tiled_decode": True, "jitter": True, "image": None,
-                 "max_memory": 3 * 2**29, "control_image": None, "control_scale": 1.0, "control_start": 0.0,
-                 "control_end": 1.0, "guess_mode": False, "lora": [], "vae": None, "embedding": [],
-                 "controlnet": [], "canny": False}
-    ui.check(s, BASE, WINDOW)
-
-
-def test_a_missing_side_follows_the_pictures_aspect(tmp_path):
-    Image.new("RGB", (300, 200)).save(tmp_path / "p.png")
-    s = ui.settings_from({"prompt": "a fox", "image": str(tmp_path / "p.png")}, BASE, WINDOW)
-    assert (s["width"], s["height"]) == (512, 344)
-    with pytest.raises(ui.RequestError, match="does not have the input image's aspect") as err:
-        ui.check({**s, "width": 512, "height": 512}, BASE, WINDOW)
-    assert err.value.field == "size"
-
-
-def test_continuing_must_add_scales_at_the_same_aspect():
-    saved = SavedScale(2, torch.zeros(1, 4, 64, 64), 0.0, 1.0, None, {})  # scale 2 of a 512x512 run
-    ui.check_resume(saved, 768, 768, BASE)
-    with pytest.raises(ui.RequestError, match="already reached scale 2; ask for a larger size"):
-        ui.check_resume(saved, 512, 512, BASE)
-    with pytest.raises(ui.RequestError, match="latents are 64x64, but a 1024x768 run has 64x48 there; keep the aspect"):
-        ui.check_resume(saved, 768, 1024, BASE)
-
-
-def test_the_eta_from_unet_evaluations_done_and_left():
-    p = ui.RunProgress([(168, 256), (336, 512), (512, 768)], [4, 100, 300], steps=2, started=10.0)
-    assert p.eta(now=11.0) is None and "ETA: after the first step" in p.html()
-    p.step(ui.Step(1, 2, 2, 4))
-    assert p.eta(now=12.0) == pytest.approx(2.0 * 400 / 4)
-    p.step(ui.Step(2, 1, 2, 50))
-    assert p.eta(now=20.0) == pytest.approx(10.0 * 350 / 54)
-    # continuing from scale 2: only scale 3's evaluations are left to do
-    q = ui.RunProgress([(168, 256), (336, 512), (512, 768)], [4, 100, 300], steps=2, first=3, started=0.0)
-    q.step(ui.Step(3, 1, 2, 150))
-    assert q.eta(now=3.0) == pytest.approx(3.0) and "from the run continued" in q.html()
-
-
-def test_cancel_stops_after_the_current_step_and_keeps_finished_scales(tiny_pipe):
-    """Also: the ETA's count of UNet evaluations per scale is the one the run reports."""
-    cancel = threading.Event()
-    seen = []
-    # cancel pressed once scale 2's first step is reported: the step then in progress (the second, or the
-    # third if it had already begun) is the last
-    with pytest.raises(ui.Cancelled, match="cancelled after step [23]/4 of scale 2") as stopped:
-        for ev in ui.stream(tiny_pipe, "a fox", {"height": 384, "width": 512, "num_inference_steps": 4}, cancel):
-            seen.append(ev)
-            if isinstance(ev, ui.Step) and ev.scale == 2 and ev.step == 1:
-                cancel.set()
-    last = int(str(stopped.value).split()[3][0])
-    steps = [e for e in seen if isinstance(e, ui.Step)]
-    assert [(e.scale, e.step) for e in steps] == [(1, i) for i in range(5)] + [(2, i) for i in range(last + 1)]
-    assert [e.scale for e in seen if not isinstance(e, ui.Step)] == [1]
-    per_scale = ui.scale_evals(TINY.unet, 384, 512, WINDOW // 2, 4)
-    assert per_scale[0] == steps[4].evals and per_scale[1] == 4 * steps[6].evals == 4 * steps[-1].evals / last
-
-
-def test_a_runs_error_is_one_line_as_the_cli_words_it():
-    settings = {"width": 4096, "height": 4096}
-    oom = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
-    assert ui.error_line(oom, settings) == ("out of memory even with one view per UNet call at 4096x4096; choose a "
-                                            "smaller size or set a memory budget in the advanced settings")
-    assert ui.error_line(ValueError("a.png: not an image\nmore"), settings) == "a.png: not an image"
-    assert ui.error_line(KeyError("x"), settings) == "KeyError: 'x'"
-
-
-def test_only_loopback_addresses_stay_off_the_network():
-    assert not any(map(ui.reachable_from_network, ["127.0.0.1", "::1", "localhost", "127.0.1.1"]))
-    assert all(map(ui.reachable_from_network, ["0.0.0.0", "::", "192.168.1.5", "myhost.local"]))
-
-
-def test_the_folders_beside_the_checkpoint_list_what_there_is_to_pick(tmp_path):
-    weights = tmp_path / "sdxl.safetensors"
-    weights.touch()
-    for name in ("loras/a.safetensors", "loras/styles/B.safetensors", "loras/.hidden.safetensors", "loras/notes.txt",
-                 "vae/fix.safetensors", "vae/fp16-fix/config.json"):
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).touch()
-    folders = ui.Folders.beside(weights)
-    assert folders.lora == tmp_path / "loras" and folders.controlnet == tmp_path / "controlnet"
-    assert folders.entries("lora") == ["a.safetensors", "styles/B.safetensors"]
-    assert folders.entries("vae") == ["fix.safetensors", "fp16-fix"]
-    assert folders.entries("controlnet") == []  # no such folder
-    assert folders.path("lora", "styles/B.safetensors") == str(tmp_path / "loras" / "styles" / "B.safetensors")
-    for name, message in (("../sdxl.safetensors", "not in the LoRA folder"), (str(weights), "not in the LoRA folder"),
-                          ("c.safetensors", "no such LoRA in")):
-        with pytest.raises(ui.RequestError, match=message) as err:
-            folders.path("lora", name)
-        assert err.value.field == "lora"
-    # a diffusers checkpoint's vae/ is its own VAE, not a list of them
-    (tmp_path / "unet").mkdir()
-    (tmp_path / "vae" / "config.json").touch()
-    assert ui.Folders.beside(tmp_path).entries("vae") == ["fp16-fix"]
-    assert ui.Folders.beside(tmp_path, lora=tmp_path / "vae").lora == tmp_path / "vae"
-
-
-def test_embeddings_that_do_not_load_are_skipped_with_a_line_each(tmp_path, tiny_pipe):
-    folder = tmp_path / "embeddings"
-    (folder / "x").mkdir(parents=True)
-    vectors = {"clip_l": torch.zeros(2, 64), "clip_g": torch.zeros(2, 128)}
-    save_file(vectors, str(folder / "neggy.safetensors"))
-    save_file(vectors, str(folder / "x" / "Neggy.safetensors"))  # the same word: prompts are lowercased
-    save_file({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(2, 1280)}, str(folder / "full_size.safetensors"))
-    (folder / "old.pt").write_bytes(b"pickle")
-    usable, skipped = ui.Folders.beside(tmp_path).embeddings(TINY, tiny_pipe.tokenizer.encode)
-    assert usable == [str(folder / "neggy.safetensors")]
-    assert len(skipped) == 3 and all("\n" not in line for line in skipped)
-    assert "full_size.safetensors: clip_l is 2 x 768, not n x 64" in skipped[0]
-    assert "old.pt: a pickled embedding" in skipped[1]
-    assert "x/Neggy.safetensors: the same word as neggy.safetensors" in skipped[2]
-
-
-def test_another_set_loads_the_pipeline_again_and_one_that_fails_leaves_the_one_before(tmp_path, tiny_pipe,
-                                                                                   monkeypatch):
-    """A reload lets the loaded pipeline go first; when the new set fails, the set before it is loaded again."""
-    loaded = []
-
-    class Loaded:
-        def model_info(self):
-            return {}
-
-    def fake_load(path, device, dtype, loras, vae, embeddings, controlnet):
-        loaded.append((loras, vae))
-        if vae == "broken.safetensors":
-            raise ui.CheckpointError("broken.safetensors: truncated\nmore")
-        return Loaded()
-
-    monkeypatch.setattr(ui, "load", fake_load)
-    studio = ui.Studio(tiny_pipe, Path("tiny.safetensors"), tmp_path)
-    assert studio.loaded == ui.Adapters() and list(studio.use(ui.Adapters())) == [] and studio.pipe is tiny_pipe
-    styled = ui.Adapters(lora=(("/w/loras/style.safetensors", 0.7),), controlnet=("/w/controlnet/cn",))
-    assert list(studio.use(styled)) == [ui.Loading("LoRA style.safetensors at 0.7, ControlNet cn")]
-    assert isinstance(studio.pipe, Loaded) and studio.loaded == styled
-    with pytest.raises(ui.LoadError, match=r"^broken.safetensors: truncated; loaded LoRA style.safetensors at 0.7, "
-                       r"ControlNet cn again$"):
-        list(studio.use(ui.Adapters(vae="broken.safetensors")))
-    assert studio.loaded == styled and isinstance(studio.pipe, Loaded)
-    assert loaded == [([("/w/loras/style.safetensors", 0.7)], None), ([], "broken.safetensors"),
-                      ([("/w/loras/style.safetensors", 0.7)], None)]
-
-
-def test_a_control_image_goes_with_a_controlnet_and_a_broken_vae_is_one_line(tmp_path, tiny_pipe):
-    (tmp_path / "controlnet" / "cn").mkdir(parents=True)
-    (tmp_path / "vae").mkdir()
-    (tmp_path / "vae" / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
-    Image.new("RGB", (64, 64)).save(tmp_path / "edges.png")
-    studio = ui.Studio(tiny_pipe, tmp_path, tmp_path)
-    fox = {"prompt": "a fox", "height": 256, "width": 512}
-    for values, field, message in (
-            ({"controlnet": "cn"}, "control_image", "the ControlNet cn needs a control image"),
-            ({"control_image": str(tmp_path / "edges.png")}, "controlnet", "a control image steers a ControlNet"),
-            ({"controlnet": "cn", "control_image": str(tmp_path / "edges.png"), "control_start": 0.5,
-              "control_end": 0.5}, "control_end", "from 0.5 to 0.5 of each scale's steps; it needs 0 <= start < end"),
-            ({"controlnet": "cn", "control_image": str(tmp_path / "edges.png")}, "controlnet", "cn: no ControlNet"),
-            ({"lora": [("style.safetensors", 1.0)]}, "lora", "style.safetensors: no such LoRA in"),
-            ({"vae": "broken.safetensors"}, "vae", "broken.safetensors: ")):
-        with pytest.raises(ui.RequestError, match=message) as err:
-            studio.settings({**fox, **values})
-        assert err.value.field == field and "\n" not in str(err.value)
 
 
 # ----------------------------------------------------------------------------------------------- the app
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def cli_run(env, out: Path, *flags) -> subprocess.Popen:
     """The CLI making `out` in the background (the settings of the page's runs by default)."""
@@ -306,26 +121,12 @@ def app(tmp_path_factory):
                 "picture": root / "square.png"}
     write_adapters(*adapters.values())
     given = sorted(p for p in folder.rglob("*") if p.is_file())
-    port = free_port()
     log = root / "app.log"
     # one torch thread each: the app and the CLI's reference runs side by side, and on busy cores a thread
     # waiting at an OpenMP barrier for a descheduled one stalls a whole step
     env = {**os.environ, "TMPDIR": str(tmp), "HOME": str(home), "OMP_NUM_THREADS": "1"}
     env.pop("GRADIO_TEMP_DIR", None)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "minifusion.ui", "--weights", str(weights), "--port", str(port),
-                                 "--device", "cpu", "--dtype", "float32"], cwd=work, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-
-    def up():
-        if proc.poll() is not None:
-            raise AssertionError(f"the app exited ({proc.returncode}):\n{log.read_text()}")
-        try:
-            return urllib.request.urlopen(url, timeout=2).status == 200
-        except OSError:
-            return False
-
+    proc, url = start_ui(weights, work, log, env)
     try:
         # while the app starts: the CLI's pictures for the settings of the page's first run and of its run with
         # LoRA, VAE and ControlNet (the embedding loads in both, as the app loads it at start)
@@ -337,17 +138,12 @@ def app(tmp_path_factory):
                         "--control-scale", "0.8")]
         for run in runs:
             finish(run)
-        wait_for(up, 90, "the app to serve", every=0.2)
+        serving(proc, url, log)
         yield {"url": url, "proc": proc, "weights": weights, "root": root, "work": work, "outputs": work / "outputs",
                "tmp": tmp, "home": home, "log": log, "cli_png": reference, "cli_adapted": adapted, "env": env,
                "given": given, **adapters}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -519,6 +315,20 @@ def test_a_bad_request_shows_the_clis_message_inline(page, app):
              "the inline error at the memory budget")
     assert set(app["outputs"].iterdir()) == files
     fill(page, "max-memory", "")
+    # a dropped file that is no picture though its name says so: one line at the picture (Gradio's own check
+    # answered with a 400 that listed all 37 inputs)
+    notes = app["root"] / "notes.png"
+    notes.write_text("not a picture")
+    css(page, "#img2img .label-wrap")[0].click()
+    wait_for(lambda: css(page, "#image input[type=file]"), 10, "the picture's upload")[0].send_keys(str(notes))
+    click(page, "generate")
+    error = wait_for(lambda: "not a picture this server reads" in text(page, "#image") and text(page, "#image"), 30,
+                     "the inline error at the picture")
+    assert "notes.png: not a picture this server reads (PNG, JPEG, WEBP, TIFF, BMP, GIF)" in error
+    assert set(app["outputs"].iterdir()) == files
+    css(page, "#image .validation-error button[aria-label=Clear]")[0].click()  # read, dismissed
+    wait_for(lambda: css(page, "#image button[aria-label='Remove Image']"), 10, "the remove button")[0].click()
+    wait_for(lambda: not css(page, "#image button[aria-label='Remove Image']"), 10, "the picture to go")
 
 
 @needs_browser
@@ -579,7 +389,7 @@ def test_loras_vae_and_controlnet_load_when_picked_and_the_png_reruns_in_the_cli
     click(page, "generate")
     error = wait_for(lambda: "does not fit this SDXL model" in text(page, "#lora") and text(page, "#lora"), 30,
                      "the inline error at the LoRAs")
-    assert f"{bad}: does not fit this SDXL model; 1 misshapen" in error
+    assert "bad.safetensors: does not fit this SDXL model; 1 misshapen" in error and str(bad) not in error
     assert set(app["outputs"].iterdir()) == files and text(page, "#status") == status  # nothing ran
     css(page, "#lora .validation-error button[aria-label=Clear]")[0].click()  # read, dismissed
     unpick(page, "lora", "bad.safetensors")
@@ -640,7 +450,10 @@ def test_the_generate_endpoint_takes_loras_vae_and_controlnet_by_their_names(app
                    api_name="/generate", **FAST)
     files, summary = client.predict("a red fox", **adapted)
     assert pixels(Path(files[-1])) == pixels(app["cli_adapted"])
-    assert summary["settings"]["lora"] == [[str(app["lora"]), 0.7]] and summary["settings"]["canny"] is True
+    # files by their names in the app's folders, as /generate takes them: the reply names no server folder
+    assert summary["settings"]["lora"] == [["style.safetensors", 0.7]] and summary["settings"]["canny"] is True
+    assert summary["settings"]["controlnet"] == ["cn"] and summary["settings"]["control_image"].endswith(".control.png")
+    assert str(app["root"]) not in json.dumps(summary)
     for lora, message in ((["bad.safetensors"], "bad.safetensors: does not fit this SDXL model"),
                           (["../tiny_sdxl.safetensors:0.5"], "not in the LoRA folder"),
                           (["style.safetensors:lots"], "no such LoRA")):
@@ -654,14 +467,17 @@ def test_the_generate_endpoint_takes_loras_vae_and_controlnet_by_their_names(app
 def test_nothing_is_written_outside_the_output_folder(app):
     """Files, that is: torch leaves an empty $TMPDIR/torchinductor_<user> behind. Allowed outside: minifusion's
     own caches in ~/.cache/minifusion (the weights' hashes, the memory model's measurements), the CLI's too,
-    and weights/ as the tests wrote it (the broken LoRA added)."""
+    weights/ as the tests wrote it (the broken LoRA added), and the server's upload folder in $TMPDIR (removed
+    when it stops)."""
+    log = app["log"].read_text()
+    uploads = Path(re.search(r"uploads in (\S+) while it runs", log).group(1))
+    assert uploads.parent == app["tmp"] and not uploads.is_relative_to(app["outputs"])
     files = [p for d in ("work", "tmp", "home") for p in app[d].rglob("*") if p.is_file()]
-    outside = [p for p in files if not p.is_relative_to(app["outputs"])]
+    outside = [p for p in files if not p.is_relative_to(app["outputs"]) and not p.is_relative_to(uploads)]
     weights = app["weights"].parent
     assert [p for p in outside if not p.is_relative_to(app["home"] / ".cache" / "minifusion")
             and not p.is_relative_to(weights)] == []
     assert sorted(p for p in outside if p.is_relative_to(weights)) == sorted([*app["given"],
                                                                               weights / "loras" / "bad.safetensors"])
-    assert {p.name for p in app["outputs"].iterdir()} >= {"00001-7.png", "00001-7.x1.png", ".gradio"}
-    log = app["log"].read_text()
+    assert {p.name for p in app["outputs"].iterdir()} >= {"00001-7.png", "00001-7.x1.png"}
     assert f"UI on {app['url']}" in log and "reachable from the network" not in log
