@@ -292,37 +292,19 @@ def describe(cfgs, settings: dict, first: int, device: torch.device, dtype: torc
             + f", about {peak / memory.GiB:.1f} GiB peak on {device.type} ({str(dtype).replace('torch.', '')})")
 
 
-def device_memory(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    if device.type == "cpu" and hasattr(os, "sysconf"):
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return None
-
-
 def check_fits(cfgs, settings: dict, device: torch.device, dtype: torch.dtype, extra: dict) -> None:
-    """Refuse a request that cannot fit the device even with one view per UNet call and the smallest decode
-    tile (out-of-memory recovery stops there), saying what it would cost."""
-    have = device_memory(device)
-    if have is None:
-        return
-    est = memory.estimate(cfgs, settings["height"], settings["width"], settings["steps"], view_batch_size=1,
-                          dtype=dtype, decode_tile=memory.DECODE_TILES[-1], stride=settings["stride"],
-                          resident=resident(device), guidance_scale=settings["guidance"],
-                          strength=settings["strength"], **extra)
-    need = max(memory.needs(est["scales"], device.type))
-    if need > have:
-        raise UserError(f"{settings['width']}x{settings['height']} needs about {need / 2**30:.1f} GiB even with "
-                        f"--view-batch 1, but {device} has {have / 2**30:.1f} GiB; it would also take "
-                        f"{est['unet_evals']} UNet evaluations ({est['flops'] / 1e15:.1f} PFLOP). Choose a smaller "
-                        "size, or pass --force to try anyway")
+    """Refuse a request the device cannot hold (request.check_fits), before loading."""
+    try:
+        request.check_fits(settings, cfgs, device, dtype, resident(device), **extra)
+    except SettingError as e:
+        raise UserError(f"{e.worded(cli_word)}, or pass --force to try anyway") from None
 
 
 def plan_memory(cfgs, settings: dict, device: torch.device, dtype: torch.dtype, extra: dict) -> tuple[str, int]:
     """Refuse a --max-memory nothing fits in, before loading; say what it chose. (The line, the view batch it
     allows.)"""
     budget = settings["max_memory"]
-    have = device_memory(device)
+    have = request.device_memory(device)
     if have is not None and budget > have:
         log.warning("--max-memory %.1f GiB is more than %s has (%.1f GiB)", budget / memory.GiB, device,
                     have / memory.GiB)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import resource
 import time
 from dataclasses import dataclass, field

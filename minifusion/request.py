@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
+import torch
 from PIL import Image
 
 from . import distributed, memory, work
@@ -69,13 +70,15 @@ def api_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve(values: dict[str, Any], cfgs: Configs, *, noise: NoiseSchedule = NoiseSchedule(), controlnets: int = 0,
-            paired: bool = False, resume: SavedScale | None = None, group=None) -> Request:
+            paired: bool = False, resume: SavedScale | None = None, group=None,
+            open_picture: Callable = open_image) -> Request:
     """The request `values` asks (settings by name; absent or None: the default) for a checkpoint of `cfgs` whose
     noise schedule is `noise` (minifusion.noise: what it predicts, as its files say), or SettingError.
     controlnets: how many ControlNets the run has; paired: each needs a control image (the command line and the
     page name them per run; a loaded pipeline's may idle). resume: the finished scale a run continues (with its
     sampling, unless another is asked). group: the process group whose ranks make this image together (the seed
-    is drawn on rank 0)."""
+    is drawn on rank 0). open_picture(image) -> the picture, or what says its (width, height) `size` (the web
+    UI's gate reads a client's picture from its header; the pixels are read when the run starts)."""
     values = {k: v for k, v in values.items() if k in REQUEST and v is not None}
     if resume is not None and "sampler" not in values:  # a resumed run continues with the sampling it began
         saved = resume.settings
@@ -90,16 +93,16 @@ def resolve(values: dict[str, Any], cfgs: Configs, *, noise: NoiseSchedule = Noi
         if resume is not None:
             raise SettingError(("image", "resume"), lambda w: f"{w('image')} and a resumed run do not go together: "
                                "the run resumed already has its picture")
-        picture = _picture("image", s["image"])
+        picture = _picture("image", s["image"], open_picture)
         try:
-            s["height"], s["width"] = base_scale_size(picture.width, picture.height, base, values.get("height"),
+            s["height"], s["width"] = base_scale_size(*picture.size, base, values.get("height"),
                                                       values.get("width")).final
         except ValueError as e:
             why = str(e)
             raise SettingError(("height", "width"), lambda w: why) from None
     s["height"] = 2 * base if s["height"] is None else s["height"]
     s["width"] = 2 * base if s["width"] is None else s["width"]
-    _check_size(s["height"], s["width"], base)
+    check_size(s["height"], s["width"], base)
     s["stride"] = window // 2 if s["stride"] is None else s["stride"]
     if s["stride"] > window:
         raise invalid("stride", s["stride"], f"it must be an integer from 1 to the window size, {window}")
@@ -133,20 +136,22 @@ def _sampling(s: dict, model: NoiseSchedule) -> tuple[Sampling, NoiseSchedule]:
     return sampling, noise
 
 
-def _picture(name: str, value) -> Image.Image:
+def _picture(name: str, value, open_picture: Callable):
     try:
-        return open_image(value)
+        return open_picture(value)
     except (ValueError, TypeError) as e:  # ImageError included
         why = str(e)
         raise SettingError(name, lambda w: why) from None
 
 
-def _check_size(height: int, width: int, base: int) -> None:
+def check_size(height: int, width: int, base: int) -> None:
+    """SettingError for a final size DemoFusion cannot run on a model native at `base` px."""
     for name, v in (("height", height), ("width", width)):
         if v <= 0:
             raise invalid(name, v, f"it must be a positive multiple of 8, at least {base // 4}")
         if v % 8:
-            raise invalid(name, v, f"it is not a multiple of 8; pick e.g. {max(8, v // 8 * 8)}")
+            raise SettingError(name, lambda w, name=name, v=v: f"{w(name)} {v} is not a multiple of 8; pick e.g. "
+                               f"{max(8, v // 8 * 8)}")
     if max(height, width) < base:
         raise SettingError(("height", "width"), lambda w: f"size {width}x{height} is below this model's base size: "
                            f"the longer side must be at least {base} px (DemoFusion starts at the base size and "
@@ -337,3 +342,31 @@ def _path_or_none(value):
     if isinstance(value, list):
         return [_path_or_none(v) for v in value]
     return value if isinstance(value, str) else None
+
+
+def device_memory(device) -> int | None:
+    """What the device holds (bytes): a GPU's memory, a CPU machine's RAM; None where torch cannot tell."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def check_fits(settings: dict, cfgs: Configs, device, dtype, resident: Iterable[str], **extra) -> None:
+    """SettingError for a size the device cannot hold even with one view per UNet call and the smallest decode
+    tile (where out-of-memory recovery stops), saying what it would cost. extra: the ControlNets and the VAE's
+    dtype, as memory.estimate counts them."""
+    have = device_memory(device)
+    if have is None:
+        return
+    h, w = settings["height"], settings["width"]
+    est = memory.estimate(cfgs, h, w, settings["steps"], view_batch_size=1, dtype=dtype,
+                          decode_tile=memory.DECODE_TILES[-1], stride=settings["stride"], resident=tuple(resident),
+                          guidance_scale=settings["guidance"], strength=settings["strength"], **extra)
+    need = max(memory.needs(est["scales"], device.type))
+    if need > have:
+        raise SettingError(("height", "width"), lambda word: f"{w}x{h} needs about {need / 2**30:.1f} GiB even with "
+                           f"{word('view_batch')} 1, but {device} has {have / 2**30:.1f} GiB; it would also take "
+                           f"{est['unet_evals']} UNet evaluations ({est['flops'] / 1e15:.1f} PFLOP). Choose a "
+                           "smaller size")

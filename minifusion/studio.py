@@ -17,17 +17,16 @@ from typing import Callable, Iterable, Iterator
 import torch
 from PIL import Image
 
-from . import __main__ as cli
-from . import memory, metadata
+from . import memory, metadata, request
 from .checkpoint import CheckpointError, trim_heap
 from .controlnet import canny, phase1_condition_size
 from .controlnet_file import inspect_controlnet
 from .demofusion import scale_sizes
-from .encode import base_scale_size
-from .files import SavedScale, latent_path, load_latents, save_latents
+from .files import SavedScale, latent_path, load_latents, numbered, output_paths, save_latents
 from .folders import FOLDERS, Adapters, Folders
 from .lora import open_loras
-from .pipeline import NonFiniteError, Pipeline, check_request, load, resident
+from .pipeline import NonFiniteError, Pipeline, load, resident
+from .settings import BY_NAME, REQUEST, Setting, SettingError
 from .tiny import TINY
 from .tokenizer import Tokenizer
 from .uploads import Upload, Uploads
@@ -35,9 +34,6 @@ from .vae_file import inspect_vae, vae_dtype_for
 from .views import is_out_of_memory
 
 log = logging.getLogger("minifusion")
-# the first word of check_request's messages (its argument names) -> the page's setting it is about
-MESSAGE_FIELDS = {arg: name for name, arg in metadata.SETTINGS.items() if arg in cli.CHECKED}
-ADAPTERS = tuple(FOLDERS)  # their settings, beside metadata.SETTINGS
 MAX_LORAS = 8  # weight sliders on the page, one per picked LoRA
 MAX_LORA_WEIGHT = 10.0  # what a style is worth at most: far beyond it a merge only overflows
 # --max-size on a CPU, or a device whose memory torch cannot tell: four scales of SDXL, hours on a CPU already
@@ -46,11 +42,21 @@ UNKNOWN_MEMORY = 1 << 50  # a budget's limit where the device's memory is unknow
 
 
 class RequestError(ValueError):
-    """A request the page refuses before queueing it; `field` names the setting to fix."""
+    """A request the page refuses before queueing it, worded for the page; `fields` name the settings to fix (the
+    table's names: both "height" and "width" for a size)."""
 
-    def __init__(self, field: str, message: str):
+    def __init__(self, fields: str | tuple[str, ...], message: str):
         super().__init__(message)
-        self.field = field
+        self.fields = (fields,) if isinstance(fields, str) else tuple(fields)
+
+
+def field_word(setting: Setting) -> str:
+    """A setting as the page names it: its field's label, without the hint in brackets."""
+    return (setting.label or setting.name).split(" (")[0]
+
+
+def refused(e: SettingError) -> RequestError:
+    return RequestError(e.names, e.worded(field_word))
 
 
 class Cancelled(Exception):
@@ -84,76 +90,26 @@ class Finished:
     settings: dict  # as its PNG records them
 
 
-def settings_from(values: dict, base: int, window: int) -> dict:
-    """The CLI's settings (its names, meanings and defaults) from the page's or the API's values: blank
-    optional fields take the CLI's defaults, a blank negative prompt means none (zero embeddings), and with a
-    picture (an Upload) a missing side follows its aspect. LoRAs, VAE, embeddings and ControlNets as paths
-    (Studio.settings finds them in their folders)."""
-    names = (*metadata.SETTINGS, *ADAPTERS, *metadata.CLI_SETTINGS)
-    settings = {k: cli.DEFAULTS.get(k) for k in names}
-    settings.update({k: v for k, v in values.items() if k in names and v is not None and v != ""})
-    settings["prompt"] = (values.get("prompt") or "").strip()
-    settings["negative"] = values.get("negative") or None
-    if settings["image"] is not None and None in (settings["height"], settings["width"]):
-        # as the CLI's --image: a missing side follows the picture's aspect
-        settings["height"], settings["width"] = base_scale_size(*settings["image"].size, base, settings["height"],
-                                                                settings["width"]).final
-    settings["height"] = settings["height"] or 2 * base
-    settings["width"] = settings["width"] or 2 * base
-    settings["stride"] = settings["stride"] or window // 2
-    settings["view_batch"] = settings["view_batch"] or None  # 0: the CLI's default (16, or what the budget allows)
-    if isinstance(settings["max_memory"], str):
-        try:
-            settings["max_memory"] = memory.parse_size(settings["max_memory"], unit=memory.GiB)
-        except ValueError as e:
-            raise RequestError("max_memory", str(e)) from None
-    return settings
-
-
-def check(settings: dict, base: int, window: int) -> None:
-    """RequestError, with the CLI's message, for what the CLI refuses: a seed, what check_request refuses, a
-    picture whose aspect the size does not keep, a ControlNet's start after its end."""
-    if not settings["prompt"]:
-        raise RequestError("prompt", "no prompt given: type what to draw")
-    try:
-        cli.seed_of(settings)
-    except cli.UserError as e:
-        raise RequestError("seed", str(e)) from None
-    try:
-        check_request(base, window, settings["height"], settings["width"], settings["steps"], settings["guidance"],
-                      16 if settings["view_batch"] is None else settings["view_batch"], settings["stride"],
-                      settings["c1"], settings["c2"], settings["c3"], settings["sigma"], settings["scheduler"])
-    except ValueError as e:
-        raise request_error(e) from None
-    if settings["image"] is not None:
-        try:
-            base_scale_size(*settings["image"].size, base, settings["height"], settings["width"])
-        except ValueError as e:
-            raise RequestError("size", str(e)) from None
-    if settings["controlnet"]:
-        a, b = settings["control_start"], settings["control_end"]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)) or not 0 <= a < b <= 1:
-            raise RequestError("control_end", f"the ControlNet acts from {a} to {b} of each scale's steps; it "
-                               "needs 0 <= start < end <= 1")
-
-
-def request_error(e: ValueError) -> RequestError:
-    """check_request's message under the setting it names (one about both sides, e.g. "size ...", under the size)."""
-    return RequestError(MESSAGE_FIELDS.get(str(e).split(" ", 1)[0], "size"), str(e))
-
-
-def check_resume(saved: SavedScale, height: int, width: int, base: int) -> None:
-    """The CLI's --resume checks: the new size must add scales and keep the aspect of the run it continues."""
-    n_scales = max(1, int(max(height, width) / base))
-    first = saved.scale + 1
-    if first > n_scales:
-        raise RequestError("size", f"that run already reached scale {first - 1}; ask for a larger size (scale "
-                           f"{first} needs the longer side >= {first * base} px)")
-    want = scale_sizes(height, width, base)[first - 2]
-    have = tuple(saved.latents.shape[-2:])
-    if want != have:
-        raise RequestError("size", f"its scale-{first - 1} latents are {have[1]}x{have[0]}, but a {width}x{height} "
-                           f"run has {want[1]}x{want[0]} there; keep the aspect ratio of the run you continue")
+def values_of(given: dict) -> dict:
+    """A page's or an API client's values as settings: blank fields (None, "") are unset, so that the table's
+    defaults apply; text typed for a number, or for a setting with its own syntax (timesteps, eps/v), is read as
+    the command line reads it."""
+    out = {}
+    for name, v in given.items():
+        if isinstance(v, str):
+            v = v.strip()
+        if v is None or v == "" or name not in BY_NAME:
+            continue
+        row = BY_NAME[name]
+        read = row.parse or (row.kind if row.kind in (int, float) else None)
+        if isinstance(v, str) and read is not None:
+            try:
+                v = read(v)
+            except ValueError as e:
+                why = e if row.parse else f"{v!r} is not {'a whole number' if row.kind is int else 'a number'}"
+                raise RequestError(name, f"{field_word(row)}: {why}") from None
+        out[name] = v
+    return out
 
 
 @dataclass(frozen=True)
@@ -172,7 +128,7 @@ class Limits:
         FIXED_MAX_SIZE."""
         if max_size is None:
             max_size = FIXED_MAX_SIZE if device.type != "cuda" else _largest_fit(configs, device, dtype)
-        return cls(max_size, cli.device_memory(device) or UNKNOWN_MEMORY)
+        return cls(max_size, request.device_memory(device) or UNKNOWN_MEMORY)
 
     @property
     def max_pixels(self) -> int:
@@ -185,9 +141,10 @@ def _largest_fit(configs, device: torch.device, dtype: torch.dtype) -> int:
     size = base
     while size < 64 * base:  # 64 scales: far past any device
         try:
-            cli.check_fits(configs, {"height": size + base, "width": size + base, "steps": 1, "stride": window // 2},
-                           device, dtype, {})
-        except cli.UserError:
+            request.check_fits({"height": size + base, "width": size + base, "steps": 1, "stride": window // 2,
+                                "guidance": BY_NAME["guidance"].default, "strength": 1.0},
+                               configs, device, dtype, resident(device))
+        except SettingError:
             break
         size += base
     return size
@@ -211,13 +168,8 @@ def check_limits(settings: dict, limits: Limits) -> None:
 
 def check_size(height: int, width: int, limits: Limits) -> None:
     if max(height, width) > limits.max_size:
-        raise RequestError("size", f"{width}x{height} is over this server's limit of {limits.max_size} px a side; "
-                           "choose a smaller size")
-
-
-def scale_evals(cfg, height: int, width: int, stride: int, steps: int) -> list[int]:
-    """UNet evaluations of each scale of a run: 2 (classifier-free guidance) x steps x views."""
-    return [2 * steps * sum(n for _, _, n in views) for views in memory.unet_views(cfg, height, width, stride)]
+        raise RequestError(("height", "width"), f"{width}x{height} is over this server's limit of {limits.max_size} "
+                           "px a side; choose a smaller size")
 
 
 @dataclass
@@ -226,19 +178,20 @@ class RunProgress:
     done and left (every view is one native-size UNet evaluation, so they cost about the same)."""
     sizes: list[tuple[int, int]]  # (width, height) px of every scale
     evals: list[int]  # UNet evaluations each scale computes; scales before `first` are not computed
-    steps: int
+    steps: list[int]  # the steps each scale runs (fewer than asked at a strength below 1)
     first: int = 1
     started: float = field(default_factory=time.perf_counter)
     step_of: dict[int, int] = field(default_factory=dict)
     evals_of: dict[int, int] = field(default_factory=dict)
     seconds_of: dict[int, float | None] = field(default_factory=dict)
+    ended: str | None = None  # how a run that stopped early ended ("cancelled"): no ETA is shown after it
 
     def step(self, ev: Step) -> None:
         self.step_of[ev.scale], self.evals_of[ev.scale] = ev.step, ev.evals
 
     def finish(self, ev: Finished) -> None:
         self.seconds_of[ev.scale] = ev.seconds
-        self.step_of[ev.scale] = self.steps
+        self.step_of[ev.scale] = self.steps[ev.scale - 1]
         self.evals_of[ev.scale] = self.evals[ev.scale - 1]
 
     @property
@@ -257,7 +210,9 @@ class RunProgress:
         return elapsed * (self.total - self.done) / self.done
 
     def html(self) -> str:
-        if len(self.sizes) in self.seconds_of:
+        if self.ended is not None:
+            head = self.ended
+        elif len(self.sizes) in self.seconds_of:
             head = f"done in {duration(time.perf_counter() - self.started)}"
         elif self.done == self.total:
             head = "ETA: decoding the last scale"
@@ -266,18 +221,20 @@ class RunProgress:
             head = "ETA: after the first step" if eta is None else f"ETA {duration(eta)}"
         rows = [f'<div class="mf-eta">{head} · {self.done} of {self.total} UNet evaluations</div>']
         for s, (w, h) in enumerate(self.sizes, start=1):
-            value = self.step_of.get(s, self.steps if s < self.first else 0)
+            steps = self.steps[s - 1] or 1  # a scale not computed here shows full
+            value = self.step_of.get(s, steps if s < self.first else 0)
             if s in self.seconds_of:
                 seconds = self.seconds_of[s]
                 state = "the input picture" if seconds is None else f"done in {duration(seconds)}"
             elif s < self.first:
                 state = "from the run continued"
             elif s in self.step_of:
-                state = "decoding" if value == self.steps else f"step {value}/{self.steps}"
+                state = ("decoding" if value == steps else f"step {value}/{steps}") if self.ended is None else \
+                    f"stopped at step {value}/{steps}"
             else:
                 state = "waiting"
             rows.append(f'<div class="mf-scale" data-scale="{s}"><span class="mf-name">scale {s} · {w}×{h}</span>'
-                        f'<progress max="{self.steps}" value="{value}"></progress>'
+                        f'<progress max="{steps}" value="{value}"></progress>'
                         f'<span class="mf-state">{state}</span></div>')
         return '<div class="mf-progress">' + "".join(rows) + "</div>"
 
@@ -337,6 +294,7 @@ class Studio:
         self.folders = folders or Folders.beside(weights)
         # what requests are checked against and loaded with: `pipe` is let go while another set loads
         self.configs, self.device, self.dtype = pipe.configs, pipe.device, pipe.dtype
+        self.noise = pipe.noise_schedule
         self.base, self.window = pipe.base_size, pipe.configs.unet.sample_size
         self.is_tiny = pipe.configs == TINY
         self.loaded: Adapters | None = Adapters.of(pipe.sources)  # None: no pipeline (the last loads failed)
@@ -358,7 +316,7 @@ class Studio:
         try:
             return self._settings(values)
         except RequestError as e:
-            raise RequestError(e.field, self.for_clients(str(e))) from None
+            raise RequestError(e.fields, self.for_clients(str(e))) from None
 
     def for_clients(self, value):
         """A text, or a run's settings, as a client may see it: a path without the server's own folders before
@@ -382,8 +340,16 @@ class Studio:
 
     def _settings(self, values: dict) -> dict:
         pictures = {k: _checked(k, self.uploads.open, values[k]) for k in ("image", "control_image") if values.get(k)}
-        settings = settings_from({**values, **pictures, **self._paths(values)}, self.base, self.window)
-        check(settings, self.base, self.window)
+        paths = self._paths(values)
+        given = {**values_of({k: v for k, v in values.items() if k in REQUEST}), **pictures}
+        if not (given.get("prompt") or "").strip():
+            raise RequestError("prompt", "no prompt given: type what to draw")
+        try:
+            req = request.resolve(given, self.configs, noise=self.noise, controlnets=len(paths["controlnet"]),
+                                  paired=True, open_picture=lambda upload: upload)
+        except SettingError as e:
+            raise refused(e) from None
+        settings = {**req.settings, **paths}
         check_limits(settings, self.limits)
         want = Adapters.of(settings)
         vae_file, nets = None, ()
@@ -404,45 +370,43 @@ class Studio:
                      self.base)
         if settings["max_memory"] is not None:
             # as the CLI plans it: with the ControlNets and the VAE asked for, not those loaded now
-            extra = {"controlnets": tuple(net.config for net in nets),
-                     "vae_dtype": vae_dtype_for(self.dtype, vae_file.fp16_safe) if vae_file is not None else None}
-            tiles = ((None,) if not settings["tiled_decode"] else ()) + memory.DECODE_TILES
             try:
-                memory.plan(settings["max_memory"], self.configs, settings["height"], settings["width"],
-                            self.dtype, self.device.type, settings["stride"], resident(self.device),
-                            may_offload=self.device.type != "cpu", decode_tiles=tiles, **extra)
-            except ValueError as e:
-                raise RequestError("max_memory", f"{e}; raise the budget or choose a smaller size") from None
+                request.plan_memory(settings, self.configs, self.dtype, self.device.type, resident(self.device),
+                                    may_offload=self.device.type != "cpu", controlnets=tuple(n.config for n in nets),
+                                    vae_dtype=vae_dtype_for(self.dtype, vae_file.fp16_safe) if vae_file else None)
+            except SettingError as e:
+                raise refused(e) from None
         return settings
 
     def _paths(self, values: dict) -> dict:
         """A request's LoRAs ((name, weight) pairs), VAE and ControlNet (names; None for none) as the CLI's
-        settings: paths in their folders; the embeddings the folder holds. A control image goes with a
-        ControlNet."""
+        settings: paths in their folders; the embeddings the folder holds."""
         def path(kind, name):
             return _checked(kind, self.folders.path, kind, name)
 
         loras = [[path("lora", name), float(weight)] for name, weight in values.get("lora") or ()]
         vae, net = values.get("vae"), values.get("controlnet")
-        if values.get("control_image") and not net:
-            raise RequestError("controlnet", "a control image steers a ControlNet: choose one")
-        if net and not values.get("control_image"):
-            raise RequestError("control_image", f"the ControlNet {net} needs a control image: drop one here")
         return {"lora": loras, "vae": path("vae", vae) if vae else None,
                 "controlnet": [path("controlnet", net)] if net else [], "embedding": list(self.embeddings)}
 
-    def resume(self, latents: str | None, height: int | None, width: int | None) -> SavedScale:
+    def resume(self, latents: str | None, height: int | None, width: int | None) -> tuple[SavedScale, dict]:
+        """The run a page continues from its last finished scale (server state: the latents file this server
+        wrote) at a larger size, and its settings, resolved as the CLI's --resume resolves them."""
         if not latents:
-            raise RequestError("size", "nothing to continue yet: generate first, then ask for a larger size")
+            raise RequestError(("height", "width"), "nothing to continue yet: generate first, then ask for a larger "
+                               "size")
         saved = load_latents(latents)
-        height, width = int(height or 0), int(width or 0)
+        values = {k: v for k, v in saved.settings.items() if k in REQUEST and k != "image"}
+        values.update(values_of({"height": height, "width": width}))
         try:
-            check_request(self.base, self.window, height, width, stride=self.window // 2)
-        except ValueError as e:
-            raise request_error(e) from None
-        check_size(height, width, self.limits)
-        check_resume(saved, height, width, self.base)
-        return saved
+            req = request.resolve(values, self.configs, noise=self.noise, controlnets=len(saved.settings["controlnet"]),
+                                  paired=True, resume=saved)
+        except SettingError as e:
+            raise refused(e) from None
+        check_size(req.settings["height"], req.settings["width"], self.limits)
+        # its own LoRAs, VAE, ... and pictures: the pipeline reloads if need be; its images still name its picture
+        settings = {**saved.settings, **req.settings, "image": saved.settings.get("image")}
+        return saved, settings
 
     def arm(self, session: str) -> threading.Event:
         """A fresh cancel switch for the session's next run, made when its request is sent, so that cancel
@@ -468,10 +432,10 @@ class Studio:
             switch.set()
 
     def progress(self, settings: dict, first: int = 1) -> RunProgress:
-        h, w = settings["height"], settings["width"]
-        sizes = [(8 * lw, 8 * lh) for lh, lw in scale_sizes(h, w, self.base)]
-        evals = scale_evals(self.configs.unet, h, w, settings["stride"], settings["steps"])
-        return RunProgress(sizes, evals, settings["steps"], first)
+        sizes = [(8 * lw, 8 * lh) for lh, lw in scale_sizes(settings["height"], settings["width"], self.base)]
+        work = {w.scale: w for w in request.work_of(settings, self.configs, first=first)}
+        return RunProgress(sizes, [work[s].unet_evals if s in work else 0 for s in range(1, len(sizes) + 1)],
+                           [work[s].steps if s in work else 0 for s in range(1, len(sizes) + 1)], first)
 
     def run(self, settings: dict, cancel: threading.Event, resume: SavedScale | None = None
             ) -> Iterator[Loading | Step | Finished]:
@@ -492,25 +456,23 @@ class Studio:
     def _generate(self, settings: dict, cancel: threading.Event, resume: SavedScale | None, put: Callable) -> None:
         if cancel.is_set():  # pressed while the request waited in the queue
             raise Cancelled("cancelled before the run started")
-        settings = {**settings, "seed": cli.seed_of(settings)[0]}
         n_scales = len(scale_sizes(settings["height"], settings["width"], self.base))
-        paths = cli.output_paths(cli.numbered(self.outputs, [settings["seed"]])[0], n_scales)
+        paths = output_paths(numbered(self.outputs, [settings["seed"]])[0], n_scales)
         if resume is None:  # a resumed run's pictures were kept by the run it continues
             for name, role in (("image", "input"), ("control_image", "control")):
                 if settings[name] is not None:
-                    settings[name] = str(self._keep_picture(settings[name], paths[-1], role,
-                                                            (settings["width"], settings["height"])))
-        kwargs = {metadata.SETTINGS[k]: v for k, v in settings.items() if k in metadata.SETTINGS and k != "prompt"}
-        # recorded as the CLI records them: the control picture by its path (it is handed over as pixels)
+                    settings = {**settings, name: str(self._keep_picture(
+                        settings[name], paths[-1], role, (settings["width"], settings["height"])))}
+        kwargs = request.api_kwargs(settings)
+        # recorded as the CLI records them: the control picture by its path (its edges are handed over as pixels)
         record = {k: settings[k] for k in ("control_image", "canny") if settings.get(k) is not None}
         if resume is not None:  # a resumed run has its picture in its latents already; its images still name it
             kwargs["image"], record["image"] = None, settings["image"]
+        if settings["control_image"] is not None and settings["canny"]:
+            kwargs["control_image"] = canny(settings["control_image"], phase1_condition_size(
+                settings["height"], settings["width"], self.base))
         for ev in self.use(Adapters.of(settings)):
             put(ev)
-        try:  # the CLI's condition image: the picture, or its Canny edges at phase 1's size
-            cli.control(settings, kwargs, self.configs)
-        except cli.UserError as e:
-            raise RequestError("control_image", str(e)) from None
 
         def on_step(scale, step, steps, evals):  # step 0: the scale begins
             put(Step(scale, step, steps, evals))

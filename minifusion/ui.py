@@ -26,38 +26,30 @@ those folders):
     pngs, info = Client("http://127.0.0.1:7860/").predict("a lighthouse", width=2048, height=2048,
                                                           lora=["style.safetensors:0.8"], api_name="/generate")
 """
-import argparse
 import asyncio
 import html
+import inspect
 import logging
-import os
+import math
 import secrets
-import shutil
-import signal
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
-from . import __main__ as cli
-from .access import HostCheck, allowed_hosts, exposure_notice, logins, reachable_from_network
-from .checkpoint import CheckpointError, inspect_checkpoint
+from . import request
 from .encode import base_scale_size
 from .files import LatentFileError
 from .lora import parse_spec
-from .pipeline import DEFAULT_WEIGHTS, check_request, default_dtype, load
-from .folders import FOLDERS, WHAT, Folders, shown_folder
-from .schedulers import SCHEDULERS
-from .studio import (FIXED_MAX_SIZE, MAX_LORAS, Cancelled, Finished, Limits, Loading, RequestError, RunProgress, Step,
-                     Studio, canny_of, duration, error_line, one_line, settings_from)
-from .tokenizer import Tokenizer
-from .uploads import Uploads
+from .folders import shown_folder
+from .settings import AUTOMATIC, BY_NAME, GENERATE, ROWS, SAMPLERS, SCHEDULES, SettingError
+from .studio import (MAX_LORAS, Cancelled, Finished, Loading, RequestError, RunProgress, Step, Studio, canny_of,
+                     check_size, duration, error_line, one_line)
 
 log = logging.getLogger("minifusion")
-SIZE = ("width", "height")
 OWN_VAE, NO_CONTROLNET = "the checkpoint's own", "none"  # the dropdowns' first choices
+CHECKPOINTS = "the checkpoint's"  # the choice of a setting the checkpoint decides (prediction, zero-SNR)
 TINY_NOTICE = ("**The tiny random model is loaded: its images are noise**, by construction, not a bug. They show "
                "that the whole pipeline runs, not what SDXL draws; start with `--weights` pointing at SDXL for "
                "pictures.")
@@ -147,45 +139,76 @@ def build_app(studio: Studio, notice: str | None = None):
 DEVICE = {"concurrency_id": "device", "concurrency_limit": 1}  # one generation on the device at a time
 
 
+def field(name: str, **kwargs):
+    """The page's widget for a setting, from its row: its label, default and range; a number the request works
+    out when none is given (the view batch, the stride, eta) is a text box left blank (Gradio's number box sends
+    0 for blank)."""
+    import gradio as gr
+
+    row = BY_NAME[name]
+    kwargs = {"label": row.label, "elem_id": name.replace("_", "-"), **kwargs}
+    if row.kind is bool:
+        return gr.Checkbox(row.default, **kwargs)
+    if row.kind in (int, float) and (row.default is not None or "value" in kwargs):
+        finite = {k: v for k, v in (("minimum", row.low), ("maximum", row.high)) if v is not None and math.isfinite(v)}
+        value = kwargs.pop("value", row.default)
+        return gr.Number(value, precision=0 if row.kind is int else None, **{**finite, **kwargs})
+    return gr.Textbox(**kwargs)
+
+
 def _settings_form(studio: Studio, page: Page) -> dict:
-    """The prompt, size, steps, seed, picture and DemoFusion's knobs, by their setting names."""
+    """The prompt, size, steps, seed, sampler, picture and DemoFusion's knobs, by their setting names."""
     import gradio as gr
 
     presets = size_presets(studio.base)
     default = next(iter(presets))
-    fields = {"prompt": gr.Textbox(label="Prompt (Automatic1111's syntax: (word:1.3), [word], BREAK; any length)",
-                                   lines=3, elem_id="prompt"),
-              "negative": gr.Textbox(label="Negative prompt", lines=2, elem_id="negative",
-                                     placeholder="none: zero embeddings, as SDXL base")}
+    fields = {"prompt": field("prompt", lines=3), "negative": field("negative", lines=2,
+                                                                     placeholder="none: zero embeddings, as SDXL base")}
     page.presets = presets
     page.preset = gr.Dropdown(list(presets) + ["custom"], value=default, label="Size", elem_id="preset")
     with gr.Row():
-        fields["width"] = gr.Number(presets[default][0], label="Width", precision=0, step=8, elem_id="width")
-        fields["height"] = gr.Number(presets[default][1], label="Height", precision=0, step=8, elem_id="height")
+        fields["width"] = field("width", value=presets[default][0], step=8)
+        fields["height"] = field("height", value=presets[default][1], step=8)
     with gr.Row():
-        fields["steps"] = gr.Number(50, label="Steps per scale", precision=0, minimum=1, elem_id="steps")
-        fields["guidance"] = gr.Number(7.5, label="Guidance", step=0.5, elem_id="guidance")
+        fields["steps"] = field("steps")
+        fields["guidance"] = field("guidance", step=0.5)
     with gr.Row():
-        fields["seed"] = gr.Number(0, label="Seed", precision=0, elem_id="seed")
-        fields["random_seed"] = gr.Checkbox(False, label="random seed", elem_id="random-seed")
-        fields["scheduler"] = gr.Dropdown(list(SCHEDULERS), value="ddim", label="Scheduler", elem_id="scheduler")
+        fields["seed"] = field("seed", value=-1)
+        fields["random_seed"] = gr.Checkbox(True, label="a new random seed each run", elem_id="random-seed")
+    with gr.Row():
+        fields["sampler"] = field_choice("sampler", [(v, k) for k, v in SAMPLERS.items()], BY_NAME["sampler"].default)
+        fields["schedule"] = field_choice("schedule", [(AUTOMATIC, AUTOMATIC.lower()),
+                                                       *((v, k) for k, v in SCHEDULES.items())], AUTOMATIC.lower())
+        fields["strength"] = gr.Slider(0, 1, value=BY_NAME["strength"].default, step=0.05,
+                                       label=BY_NAME["strength"].label, elem_id="strength")
     with gr.Accordion("Image to image: upscale a picture", open=False, elem_id="img2img"):
-        fields["image"] = _picture_field(label="Drop a picture: it replaces the base scale", elem_id="image")
-    with gr.Accordion("Advanced: DemoFusion's knobs", open=False, elem_id="advanced"):
+        fields["image"] = _picture_field(label=BY_NAME["image"].label, elem_id="image")
+    with gr.Accordion("Advanced: the sampler's and DemoFusion's knobs", open=False, elem_id="advanced"):
         with gr.Row():
-            fields["view_batch"] = gr.Number(0, label="View batch (0: 16, or the most the budget allows)",
-                                             precision=0, minimum=0, elem_id="view-batch")
-            fields["stride"] = gr.Number(studio.window // 2, label="Stride (latents)", precision=0, elem_id="stride")
+            fields["timesteps"] = field("timesteps")
+            fields["eta"] = field("eta")
+            fields["guidance_rescale"] = field("guidance_rescale", step=0.05)
         with gr.Row():
-            fields["c1"] = gr.Number(3.0, label="c1 (skip residual)", elem_id="c1")
-            fields["c2"] = gr.Number(1.0, label="c2 (dilated sampling)", elem_id="c2")
-            fields["c3"] = gr.Number(1.0, label="c3 (blur)", elem_id="c3")
-            fields["sigma"] = gr.Number(0.8, label="sigma (blur std)", elem_id="sigma")
+            fields["prediction"] = field_choice("prediction", [(CHECKPOINTS, ""), ("eps", "epsilon"),
+                                                               ("v", "v_prediction")], "")
+            fields["zero_snr"] = field_choice("zero_snr", [(CHECKPOINTS, ""), ("yes", "yes"), ("no", "no")], "")
         with gr.Row():
-            fields["tiled_decode"] = gr.Checkbox(True, label="tiled decode", elem_id="tiled-decode")
-            fields["jitter"] = gr.Checkbox(True, label="window jitter", elem_id="jitter")
-            fields["max_memory"] = gr.Textbox(label="Memory budget (e.g. 8GiB; blank: none)", elem_id="max-memory")
+            fields["view_batch"] = field("view_batch")
+            fields["stride"] = field("stride", label=f"{BY_NAME['stride'].label} (blank: {studio.window // 2})")
+        with gr.Row():
+            for name in ("c1", "c2", "c3", "sigma"):
+                fields[name] = field(name)
+        with gr.Row():
+            for name in ("tiled_decode", "jitter", "max_memory"):
+                fields[name] = field(name)
     return fields
+
+
+def field_choice(name: str, choices: list[tuple[str, str]], value: str):
+    """A setting chosen from a list: (what the page shows, the value), under the setting's label."""
+    import gradio as gr
+
+    return gr.Dropdown(choices, value=value, label=BY_NAME[name].label, elem_id=name.replace("_", "-"))
 
 
 def _picture_field(**kwargs):
@@ -212,45 +235,50 @@ def _adapters_form(studio: Studio, page: Page) -> dict:
     fields = {}
     with gr.Accordion("LoRA, VAE, embeddings", open=bool(loras or vaes), elem_id="models"):
         fields["lora"] = gr.Dropdown(loras, value=[], multiselect=True, max_choices=MAX_LORAS,
-                                     label="LoRAs, a weight each", info=f"in {shown_folder(folders.lora)}/; merged "
+                                     label=BY_NAME["lora"].label, info=f"in {shown_folder(folders.lora)}/; merged "
                                      "into the weights: a change loads the checkpoint again at the next run",
                                      elem_id="lora")
         with gr.Row():
             page.lora_weights = [gr.Slider(-2, 2, value=1.0, step=0.05, visible=False, min_width=200,
                                            elem_id=f"lora-weight-{i}") for i in range(MAX_LORAS)]
         fields.update({f"lora_weight_{i}": w for i, w in enumerate(page.lora_weights)})
-        fields["vae"] = gr.Dropdown([OWN_VAE, *vaes], value=OWN_VAE, label="VAE",
+        fields["vae"] = gr.Dropdown([OWN_VAE, *vaes], value=OWN_VAE, label=BY_NAME["vae"].label,
                                     info=f"in {shown_folder(folders.vae)}/", elem_id="vae")
         with gr.Row(equal_height=True):
             page.embeddings = gr.HTML(embeddings_html(studio), elem_id="embeddings")
             page.rescan = gr.Button("↻ Rescan the folders", size="sm", scale=0, min_width=170, elem_id="rescan")
     with gr.Accordion("ControlNet", open=False, elem_id="control"):
-        fields["controlnet"] = gr.Dropdown([NO_CONTROLNET, *nets], value=NO_CONTROLNET, label="ControlNet",
+        fields["controlnet"] = gr.Dropdown([NO_CONTROLNET, *nets], value=NO_CONTROLNET, label=BY_NAME["controlnet"].label,
                                            info=f"in {shown_folder(folders.controlnet)}/", elem_id="controlnet")
         with gr.Row():
-            fields["control_image"] = _picture_field(label="Control image", height=260, elem_id="control-image")
+            fields["control_image"] = _picture_field(label=BY_NAME["control_image"].label, height=260,
+                                                     elem_id="control-image")
             page.canny_preview = gr.Image(label="Canny edges", interactive=False, visible=False, height=260,
                                           format="png", elem_id="canny-preview")
         with gr.Row():
-            fields["canny"] = gr.Checkbox(False, label="Canny edges of the control image",
-                                          info="thresholds 100/200, at phase 1's size: what the ControlNet gets",
-                                          elem_id="canny")
-            fields["guess_mode"] = gr.Checkbox(False, label="guess mode", elem_id="guess-mode")
-        fields["control_scale"] = gr.Slider(0, 2, value=1.0, step=0.05, label="Control scale",
-                                            elem_id="control-scale")
+            fields["canny"] = field("canny", info="thresholds 100/200, at phase 1's size: what the ControlNet gets")
+            fields["guess_mode"] = field("guess_mode")
+        fields["control_scale"] = slider("control_scale", 0, 2)
         with gr.Row():
-            fields["control_start"] = gr.Slider(0, 1, value=0.0, step=0.05, label="Start (of each scale's steps)",
-                                                elem_id="control-start")
-            fields["control_end"] = gr.Slider(0, 1, value=1.0, step=0.05, label="End", elem_id="control-end")
+            fields["control_start"] = slider("control_start", 0, 1)
+            fields["control_end"] = slider("control_end", 0, 1)
     return fields
 
 
+def slider(name: str, low: float, high: float):
+    """A setting's slider over the part of its range the page offers."""
+    import gradio as gr
+
+    row = BY_NAME[name]
+    return gr.Slider(low, high, value=row.default, step=0.05, label=row.label, elem_id=name.replace("_", "-"))
+
+
 def _validations(error: RequestError | None, names) -> list:
-    """One gr.validate per input, the error on the one it is about ("size": width and height)."""
+    """One gr.validate per input, the error on each it is about (both width and height for a size)."""
     import gradio as gr
 
     def about(name):
-        return error is not None and (error.field == name or error.field == "size" and name in SIZE)
+        return error is not None and name in error.fields
     return [gr.validate(not about(n), str(error) if about(n) else "") for n in names]
 
 
@@ -260,6 +288,9 @@ def _request(page: Page, values) -> dict:
     values = dict(zip(page.fields, values))
     values["lora"] = [(name, values[f"lora_weight_{i}"]) for i, name in enumerate(values["lora"] or [])]
     values["vae"] = None if values["vae"] == OWN_VAE else values["vae"]
+    values["zero_snr"] = {"yes": True, "no": False}.get(values["zero_snr"])
+    if values.pop("random_seed"):
+        values["seed"] = None  # drawn when the request is resolved, and shown in the field
     if values["controlnet"] == NO_CONTROLNET:
         values.update(controlnet=None, control_image=None, canny=False)
     return values
@@ -298,8 +329,10 @@ def _show(studio: Studio, page: Page, events: Iterator, progress: RunProgress, s
                            f"{duration(time.perf_counter() - progress.started)}{loaded}, saved as "
                            f"{final.png.name}", "done")
     except Cancelled as e:
+        progress.ended = "cancelled"
         line = status_html(f"{e}; kept {len(shown)} finished scale(s)" if shown else str(e))
     except Exception as e:  # the app keeps serving: one line in the page, the traceback on the console
+        progress.ended = "failed"
         log.error("the run failed", exc_info=e)
         line = status_html(f"error: {studio.for_clients(error_line(e, settings))}", "error")
     yield {page.status: line, page.progress: progress.html()}
@@ -318,11 +351,7 @@ def _run_events(studio: Studio, page: Page, demo) -> None:
         return _validations(None, ["token", *fields])
 
     def page_generate(token, *values):
-        values = _request(page, values)
-        settings = studio.settings(values)
-        if values["random_seed"]:
-            settings["seed"] = None
-        settings["seed"] = cli.seed_of(settings)[0]  # drawn here, so the page shows it
+        settings = studio.settings(_request(page, values))
         before = None if settings["image"] is None else str(settings["image"].path)
         switch = studio.switch(token)
         try:
@@ -335,15 +364,14 @@ def _run_events(studio: Studio, page: Page, demo) -> None:
         try:
             studio.resume((last or {}).get("latents"), height, width)
         except (RequestError, LatentFileError) as e:
-            error = e if isinstance(e, RequestError) else RequestError("size", studio.for_clients(str(e)))
+            error = e if isinstance(e, RequestError) else RequestError(("width", "height"),
+                                                                       studio.for_clients(str(e)))
             return _validations(error, ["token", "last", "width", "height"])
         return _validations(None, ["token", "last", "width", "height"])
 
     def page_continue(token, last, width, height):
-        saved = studio.resume(last["latents"], height, width)
         # its own settings, LoRAs, VAE, ... and control image included: the pipeline reloads if need be
-        settings = settings_from(saved.settings, studio.base, studio.window)
-        settings.update(height=int(height), width=int(width))
+        saved, settings = studio.resume(last["latents"], height, width)
         switch = studio.switch(token)
         try:
             yield from _show(studio, page, studio.run(settings, switch, saved),
@@ -416,8 +444,9 @@ def _picker_events(studio: Studio, page: Page) -> None:
         if not (path and on):
             return gr.Image(value=None, visible=False)
         try:
-            check_request(base, studio.window, int(height), int(width), stride=studio.window // 2)
-        except (ValueError, TypeError):
+            request.check_size(int(height), int(width), base)
+            check_size(int(height), int(width), studio.limits)
+        except (SettingError, RequestError, TypeError):
             return gr.skip()
         try:
             edges = canny_of(studio.uploads, studio.uploads.open(path), int(height), int(width), base)
@@ -437,36 +466,53 @@ def _picker_events(studio: Studio, page: Page) -> None:
     image.change(size_of_picture, image, [width, height, page.preset], **private)
 
 
+API_MODEL = ("lora", "vae", "controlnet")  # the load-time settings a request names, from the app's folders
+
+
+def api_parameters() -> list[inspect.Parameter]:
+    """/generate's parameters, from the table: the command line's names, each setting's default (None where the
+    request works it out), pictures as uploaded files, the LoRAs as "NAME:WEIGHT" texts; a setting's older name
+    too (scheduler=)."""
+    from gradio import FileData
+
+    params, older = [], []
+    for row in ROWS:
+        if row.part != GENERATE and row.name not in API_MODEL:
+            continue
+        kind = (FileData if row.name in request.PICTURES else list[str] if row.many and row.name == "lora" else
+                row.kind if row.kind in (int, float, bool) and not row.many else float if row.many else str)
+        default = inspect.Parameter.empty if row.name == "prompt" else None if row.resolved else row.default
+        default = None if isinstance(default, list) else default
+        params.append(inspect.Parameter(row.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                                        annotation=kind if default is inspect.Parameter.empty else kind | None))
+        if row.older:
+            older.append(inspect.Parameter(row.older, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                                           annotation=str | None))
+    return params + older
+
+
 def _api(studio: Studio) -> None:
-    """/generate: the page's run for gradio_client, under the CLI's names."""
+    """/generate: the page's run for gradio_client, under the command line's names (api_parameters)."""
     import gradio as gr
     from gradio import FileData
 
-    async def api_generate(prompt: str, negative: str = "", width: int | None = None, height: int | None = None,
-                           steps: int = 50, guidance: float = 7.5, seed: int | None = None, scheduler: str = "ddim",
-                           view_batch: int | None = None, stride: int | None = None, c1: float = 3.0,
-                           c2: float = 1.0, c3: float = 1.0, sigma: float = 0.8, tiled_decode: bool = True,
-                           jitter: bool = True, max_memory: str | None = None, image: FileData | None = None,
-                           lora: list[str] | None = None, vae: str | None = None, controlnet: str | None = None,
-                           control_image: FileData | None = None, canny: bool = False, control_scale: float = 1.0,
-                           control_start: float = 0.0, control_end: float = 1.0, guess_mode: bool = False
-                           ) -> tuple[list[FileData], dict]:
-        """Generate: the PNG of every scale (base scale first, each with the settings in its metadata) and a
-        summary (the settings used, files by their names in the app's folders; per scale its size, seconds and
-        latents file). Arguments as the CLI's flags: width/height default to 2 x the base size, seed None or -1
-        draws one, image upscales a picture (gradio_client.handle_file); lora ["NAME:WEIGHT", ...], vae and
-        controlnet by their names in the app's folders (as the page lists them), control_image the ControlNet's
-        picture, canny its edges."""
-        values = dict(locals())
+    signature = inspect.Signature(api_parameters(), return_annotation=tuple[list[FileData], dict])
+
+    async def api_generate(*args, **kwargs):
+        values = signature.bind(*args, **kwargs)
+        values.apply_defaults()
+        values = dict(values.arguments)
+        for row in ROWS:
+            if row.older and row.older in values:
+                older = values.pop(row.older)
+                values[row.name] = values[row.name] if values[row.name] is not None else older
+        lora = values["lora"]
         if not isinstance(lora or [], list) or not all(isinstance(spec, str) for spec in lora or []):
             raise gr.Error('lora: a list of "NAME:WEIGHT"', print_exception=False)
         try:
             values["lora"] = [parse_spec(spec) for spec in lora or []]
-        except ValueError as e:
-            raise gr.Error(str(e), print_exception=False) from None
-        try:
             settings = await asyncio.to_thread(studio.settings, values)
-        except RequestError as e:
+        except (RequestError, ValueError) as e:
             raise gr.Error(str(e), print_exception=False) from None
         cancel = threading.Event()
         run = asyncio.ensure_future(asyncio.to_thread(_finished, studio.run(settings, cancel)))
@@ -484,6 +530,16 @@ def _api(studio: Studio) -> None:
                     {"scale": ev.scale, "width": ev.size[0], "height": ev.size[1], "seconds": ev.seconds,
                      "latents": ev.latents.name} for ev in done]})
 
+    api_generate.__signature__ = signature
+    api_generate.__annotations__ = {**{p.name: p.annotation for p in signature.parameters.values()},
+                                    "return": signature.return_annotation}
+    api_generate.__doc__ = ("Generate: the PNG of every scale (base scale first, each with the settings in its "
+                            "metadata) and a summary (the settings used, files by their names in the app's folders; "
+                            "per scale its size, seconds and latents file). Arguments as the command line's flags "
+                            "(minifusion --help): left out, a setting takes its default; seed None or -1 draws one; "
+                            "image upscales a picture (gradio_client.handle_file); lora [\"NAME:WEIGHT\", ...], vae "
+                            "and controlnet by their names in the app's folders (as the page lists them), "
+                            "control_image the ControlNet's picture, canny its edges.")
     gr.api(api_generate, api_name="generate", **DEVICE)
 
 
@@ -504,118 +560,6 @@ CSS = """
 """
 
 
-def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="python -m minifusion.ui", description="minifusion's web UI (Gradio): "
-                                 "the model loads once; requests queue, one generation on the device at a time.")
-    ap.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS,
-                    help="SDXL .safetensors file or diffusers folder (default: weights/)")
-    ap.add_argument("--host", default="127.0.0.1",
-                    help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0: the network)")
-    ap.add_argument("--port", type=int, default=7860, help="default 7860")
-    ap.add_argument("--outputs", type=Path, default=Path("outputs"),
-                    help="folder for every file the UI writes (default: outputs/)")
-    for kind, flags in (("lora", ("--lora-dir", "--loras")), ("vae", ("--vae-dir",)),
-                        ("embedding", ("--embeddings-dir",)), ("controlnet", ("--controlnet-dir",))):
-        ap.add_argument(*flags, dest=f"{kind}_dir", type=Path, metavar="DIR",
-                        help=f"the {WHAT[kind]} files to offer (default: {FOLDERS[kind]}/ inside the weights folder, "
-                        "or next to the checkpoint file)" + (", each loaded at start" if kind == "embedding" else ""))
-    ap.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                    help="a name this server may be reached by besides the address it listens on (a tunnel's or a "
-                    "reverse proxy's public name); requests naming another host are refused. Repeatable")
-    ap.add_argument("--auth", action="append", default=[], metavar="USER:PASSWORD",
-                    help="ask for a login (repeatable; other users of this machine can read it in the process "
-                    "list: --auth-file keeps it out)")
-    ap.add_argument("--auth-file", type=Path, metavar="FILE", help="logins, one USER:PASSWORD a line")
-    ap.add_argument("--max-size", type=int, metavar="PX",
-                    help="the longest side a run may have (default: on CUDA the largest square the memory model "
-                    f"predicts fits with one view per UNet call; elsewhere {FIXED_MAX_SIZE}); uploaded pictures may "
-                    "have as many pixels as such a square")
-    ap.add_argument("--max-queue", type=int, default=32, metavar="N",
-                    help="requests waiting at most; more are refused until the queue shortens (default 32)")
-    ap.add_argument("--device", help="cuda, mps or cpu (default: the first available)")
-    ap.add_argument("--dtype", choices=list(cli.DTYPES),
-                    help="default: float16 on GPUs; on CPUs bfloat16 where the CPU has it in hardware, else float32")
-    return ap.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    outputs = args.outputs.resolve()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    log.addHandler(handler)
-    started = time.perf_counter()
-    try:
-        users = logins(args.auth, args.auth_file)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        device = cli.resolve_device(args.device)
-        dtype = cli.DTYPES[args.dtype] if args.dtype else default_dtype(device)
-        folders = Folders.beside(args.weights, **{k: getattr(args, f"{k}_dir") for k in FOLDERS})
-        embeddings, skipped = folders.embeddings(inspect_checkpoint(args.weights), Tokenizer().encode)
-        for line in skipped:
-            log.warning("embedding skipped: %s", line)
-        pipe = load(args.weights, device=device, dtype=dtype, embeddings=embeddings)
-        if args.max_size is not None and args.max_size < pipe.base_size:
-            raise cli.UserError(f"--max-size {args.max_size} is below the model's base size, {pipe.base_size} px: "
-                                "no run would be allowed")
-        pipe.model_info()  # hashes the weights for the images' metadata now, not before the first image
-        outputs.mkdir(parents=True, exist_ok=True)
-    except (cli.UserError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: --outputs {args.outputs}: cannot create it ({e.strerror or e})", file=sys.stderr)
-        return 2
-    # Gradio keeps uploads (and what it makes to show, the Canny preview) under GRADIO_TEMP_DIR, read when it is
-    # imported: a folder of this server's own, outside the output folder it serves as it is, so that an upload
-    # is never served as the page it claims to be; removed when the server stops
-    uploads = Path(tempfile.mkdtemp(prefix="minifusion-uploads-"))
-    os.environ["GRADIO_TEMP_DIR"] = str(uploads)
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    try:
-        limits = Limits.of(pipe.configs, device, dtype, args.max_size)
-        studio = Studio(pipe, args.weights, outputs, Uploads(uploads, limits.max_pixels), limits, folders, skipped)
-        print(f"loaded {args.weights} on {device} ({str(dtype).replace('torch.', '')}) in "
-              f"{time.perf_counter() - started:.1f} s" + ("; the tiny random model: its images are noise"
-                                                          if studio.is_tiny else ""), file=sys.stderr)
-        notice = exposure_notice(args.host, args.port, login=bool(users))
-        return serve(build_app(studio, notice), args, outputs, uploads, limits, users)
-    finally:
-        shutil.rmtree(uploads, ignore_errors=True)
-
-
-def serve(demo, args, outputs: Path, uploads: Path, limits: Limits, users: list[tuple[str, str]]) -> int:
-    """Listen until Ctrl-C or SIGTERM."""
-    from fastapi.middleware import Middleware
-
-    demo.queue(default_concurrency_limit=1, max_size=args.max_queue)
-    host_check = Middleware(HostCheck, allowed=allowed_hosts(args.host, args.allowed_host))
-    try:
-        # an upload may be as large as the largest picture taken uncompressed (RGBA), and a little more
-        demo.launch(server_name=args.host, server_port=args.port, quiet=True, prevent_thread_lock=True, css=CSS,
-                    footer_links=["api"], max_file_size=4 * limits.max_pixels + (1 << 20),
-                    app_kwargs={"middleware": [host_check]}, auth=users or None,
-                    auth_message="minifusion: log in with a name and password the server was started with")
-    except OSError as e:
-        print(f"error: cannot listen on {args.host}:{args.port} ({e}); choose another --port", file=sys.stderr)
-        return 2
-    print(f"minifusion UI on http://{args.host}:{args.port}/ (outputs in {outputs}, uploads in {uploads} while it "
-          f"runs); runs up to {limits.max_size} px a side, at most {args.max_queue} waiting", file=sys.stderr)
-    if reachable_from_network(args.host) and not users:
-        print(f"--host {args.host}: the UI is reachable from the network without a login; anyone who can reach this "
-              f"machine on port {args.port} can generate images and download what is in {outputs} (--auth-file "
-              "asks for one)", file=sys.stderr)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a service manager's stop ends it as Ctrl-C does
-    try:
-        demo.block_thread()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        demo.close()
-    return 0
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m minifusion.ui: the server's command line is minifusion.app's
+    from minifusion.app import main
     sys.exit(main())

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from minifusion import __main__ as cli
-from minifusion import __version__, command
+from minifusion import __version__, command, request
 from minifusion.files import latent_path, load_latents
 from minifusion.metadata import parse_a1111
 from minifusion.pipeline import Pipeline
@@ -116,7 +116,7 @@ def test_no_weights_says_what_to_download(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--height", "500"], "--height 500 is invalid; it is not a multiple of 8"),
+    (["--height", "500"], "--height 500 is not a multiple of 8; pick e.g. 496"),
     (["--height", "128", "--width", "128"], "below this model's base size"),
     (["--height", "1024", "--width", "32"], "too narrow"),
     (["--steps", "0"], "--steps 0 is invalid; it must be an integer from 1 to 1000"),
@@ -365,7 +365,7 @@ def test_a_long_prompt_is_used_whole(tiny_file, tmp_path, capsys):
 
 
 def test_a_size_the_device_cannot_hold_is_refused_with_its_cost(tiny_file, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(command, "device_memory", lambda device: 50 * 2**20)  # a 50 MiB machine
+    monkeypatch.setattr(request, "device_memory", lambda device: 50 * 2**20)  # a 50 MiB machine
     monkeypatch.setattr(command, "load", lambda *a, **k: pytest.fail("loaded the model for a request that cannot fit"))
     code, err = run(capsys, "a cat", "--weights", tiny_file, "--out", tmp_path / "x.png", "--height", "2048",
                     "--width", "2048", *FAST)
@@ -374,7 +374,7 @@ def test_a_size_the_device_cannot_hold_is_refused_with_its_cost(tiny_file, tmp_p
 
 
 def test_force_skips_the_fit_check(tiny_file, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(command, "device_memory", lambda device: 50 * 2**20)
+    monkeypatch.setattr(request, "device_memory", lambda device: 50 * 2**20)
 
     def reached_loading(*a, **k):
         raise RuntimeError("reached loading")
@@ -488,7 +488,7 @@ def test_settings_from_an_automatic1111_png(tiny_file, tmp_path, capsys):
                     "--dtype", "float32")
     assert code == 0, err
     s = settings_of(out)["settings"]
-    assert (s["prompt"], s["negative"], s["steps"], s["scheduler"], s["guidance"], s["seed"]) == \
+    assert (s["prompt"], s["negative"], s["steps"], s["sampler"], s["guidance"], s["seed"]) == \
         ("a castle", "fog", 2, "euler", 5.0, 12)
     assert Image.open(out).size == (512, 512)
 

@@ -91,7 +91,7 @@ def test_values_are_checked_by_their_row_and_named_by_each_front_end():
 def test_a_bad_size_names_both_sides_or_the_side():
     with pytest.raises(SettingError) as e:
         resolve(height=500)
-    assert e.value.names == ("height",) and "500 is invalid; it is not a multiple of 8" in worded(e.value)
+    assert e.value.names == ("height",) and "500 is not a multiple of 8; pick e.g. 496" in worded(e.value)
     with pytest.raises(SettingError) as e:
         resolve(width=0)
     assert worded(e.value).startswith("--width 0 is invalid")  # 0 is not "blank": it never falls back

@@ -13,9 +13,10 @@ from PIL import Image
 from helpers import uploaded
 from safetensors.torch import save_file
 
-from minifusion import folders, studio
+from minifusion import folders, request, studio
 from minifusion import uploads as uploads_
-from minifusion.files import SavedScale
+from minifusion.pipeline import resident
+from minifusion.settings import SettingError
 from minifusion.tiny import TINY
 
 BASE, WINDOW = 256, 32  # the tiny model's
@@ -27,63 +28,74 @@ def uploads(tmp_path) -> uploads_.Uploads:
     return uploads_.Uploads(tmp_path / "uploads", MAX_PIXELS)
 
 
-@pytest.mark.parametrize("values,field,message", [
-    ({"width": 500}, "width", "width 500 is not a multiple of 8; pick e.g. 496"),
-    ({"width": 128, "height": 128}, "size", "below this model's base size"),
-    ({"steps": 0}, "steps", "num_inference_steps 0 is invalid"),
-    ({"sigma": 0}, "sigma", "sigma 0 is invalid"),
-    ({"stride": 33}, "stride", "stride 33 is invalid; it must be an integer from 1 to the window size, 32"),
-    ({"max_memory": "lots"}, "max_memory", "'lots' is not a memory size"),
-    ({"prompt": "  "}, "prompt", "no prompt given"),
+@pytest.fixture
+def st(tiny_pipe, tiny_file, tmp_path, uploads) -> studio.Studio:
+    return studio.Studio(tiny_pipe, tiny_file, tmp_path / "outputs", uploads)
+
+
+@pytest.mark.parametrize("values,fields,message", [
+    ({"width": 500}, ("width",), "Width 500 is not a multiple of 8; pick e.g. 496"),
+    ({"width": 0}, ("width",), "Width 0 is invalid; it must be a positive multiple of 8"),  # was the default size
+    ({"width": 128, "height": 128}, ("height", "width"), "below this model's base size"),
+    ({"steps": 0}, ("steps",), "Steps per scale 0 is invalid; it must be an integer from 1 to 1000"),
+    ({"sigma": 0}, ("sigma",), "sigma 0 is invalid"),
+    ({"stride": 33}, ("stride",), "Stride 33 is invalid; it must be an integer from 1 to the window size, 32"),
+    ({"max_memory": "lots"}, ("max_memory",), "'lots' is not a memory size"),
+    ({"prompt": "  "}, ("prompt",), "no prompt given"),
+    ({"sampler": "heun"}, ("sampler",), "Sampler 'heun' is invalid; it must be one of ddim, euler"),
+    ({"timesteps": "999,x"}, ("timesteps",), "Timesteps: '999,x' is not a list of whole numbers"),
+    ({"view_batch": "8.5"}, ("view_batch",), "View batch: '8.5' is not a whole number"),  # typed in a text box
+    # start after end, without a ControlNet: passed silently before
+    ({"control_start": 0.8, "control_end": 0.2}, ("control_start",), "Start steers a ControlNet: give ControlNet"),
 ])
-def test_bad_requests_name_the_field_with_the_clis_message(values, field, message):
-    with pytest.raises(studio.RequestError, match=message) as err:
-        studio.check(studio.settings_from({"prompt": "a fox", **values}, BASE, WINDOW), BASE, WINDOW)
-    assert err.value.field == field
+def test_bad_requests_name_their_fields_in_the_pages_words(st, values, fields, message):
+    with pytest.raises(studio.RequestError, match=re.escape(message)) as err:
+        st.settings({"prompt": "a fox", **values})
+    assert err.value.fields == fields and "\n" not in str(err.value)
 
 
-def test_settings_are_the_clis_with_its_defaults():
-    s = studio.settings_from({"prompt": " a fox ", "negative": "", "width": None, "view_batch": None,
-                          "max_memory": "1.5", "random_seed": True}, BASE, WINDOW)
-    assert s == {"prompt": "a fox", "negative": None, "height": 512, "width": 512, "steps": 50, "guidance": 7.5,
-                 "seed": None, "scheduler": "ddim", "stride": 16, "view_batch": None, "c1": 3.0, "c2": 1.0,
-                 "c3": 1.0, "sigma": 0.8, "tiled_decode": True, "jitter": True, "image": None,
+def test_blank_fields_take_the_tables_defaults_and_the_seed_is_drawn(st):
+    s = st.settings({"prompt": " a fox ", "negative": "", "width": None, "view_batch": " ", "stride": "",
+                     "max_memory": "1.5", "seed": None, "sampler": "DPM++ 2M", "timesteps": " "})
+    seed = s.pop("seed")
+    assert isinstance(seed, int) and 0 <= seed < 2 ** 32
+    assert s == {"prompt": "a fox", "negative": None, "height": 512, "width": 512, "steps": 50, "sampler": "dpmpp_2m",
+                 "schedule": "karras", "timesteps": None, "eta": None, "guidance": 7.5, "guidance_rescale": 0.0,
+                 "strength": 1.0, "prediction": "epsilon", "zero_snr": False, "stride": 16, "view_batch": None,
+                 "c1": 3.0, "c2": 1.0, "c3": 1.0, "sigma": 0.8, "tiled_decode": True, "jitter": True, "image": None,
                  "max_memory": 3 * 2**29, "control_image": None, "control_scale": 1.0, "control_start": 0.0,
-                 "control_end": 1.0, "guess_mode": False, "lora": [], "vae": None, "embedding": [],
-                 "controlnet": [], "canny": False}
-    studio.check(s, BASE, WINDOW)
+                 "control_end": 1.0, "guess_mode": False, "canny": False, "lora": [], "vae": None, "embedding": [],
+                 "controlnet": []}
+    typed = st.settings({"prompt": "a fox", "seed": 7, "view_batch": "4", "eta": "0.5", "sampler": "euler_a"})
+    assert (typed["seed"], typed["view_batch"], typed["eta"]) == (7, 4, 0.5)
 
 
-def test_a_missing_side_follows_the_pictures_aspect(uploads):
-    picture = uploads.open(uploaded(uploads.folder, "p.png", Image.new("RGB", (300, 200))))
-    s = studio.settings_from({"prompt": "a fox", "image": picture}, BASE, WINDOW)
+def test_a_missing_side_follows_the_pictures_aspect(st, uploads):
+    picture = uploaded(uploads.folder, "p.png", Image.new("RGB", (300, 200)))
+    s = st.settings({"prompt": "a fox", "image": picture})
     assert (s["width"], s["height"]) == (512, 344)
     with pytest.raises(studio.RequestError, match="does not have the input image's aspect") as err:
-        studio.check({**s, "width": 512, "height": 512}, BASE, WINDOW)
-    assert err.value.field == "size"
-
-
-def test_continuing_must_add_scales_at_the_same_aspect():
-    saved = SavedScale(2, torch.zeros(1, 4, 64, 64), 0.0, 1.0, None, {})  # scale 2 of a 512x512 run
-    studio.check_resume(saved, 768, 768, BASE)
-    with pytest.raises(studio.RequestError, match="already reached scale 2; ask for a larger size"):
-        studio.check_resume(saved, 512, 512, BASE)
-    with pytest.raises(studio.RequestError,
-                       match="latents are 64x64, but a 1024x768 run has 64x48 there; keep the aspect"):
-        studio.check_resume(saved, 768, 1024, BASE)
+        st.settings({"prompt": "a fox", "image": picture, "width": 512, "height": 512})
+    assert err.value.fields == ("height", "width")
 
 
 def test_the_eta_from_unet_evaluations_done_and_left():
-    p = studio.RunProgress([(168, 256), (336, 512), (512, 768)], [4, 100, 300], steps=2, started=10.0)
+    p = studio.RunProgress([(168, 256), (336, 512), (512, 768)], [4, 100, 300], [2, 2, 2], started=10.0)
     assert p.eta(now=11.0) is None and "ETA: after the first step" in p.html()
     p.step(studio.Step(1, 2, 2, 4))
     assert p.eta(now=12.0) == pytest.approx(2.0 * 400 / 4)
     p.step(studio.Step(2, 1, 2, 50))
     assert p.eta(now=20.0) == pytest.approx(10.0 * 350 / 54)
     # continuing from scale 2: only scale 3's evaluations are left to do
-    q = studio.RunProgress([(168, 256), (336, 512), (512, 768)], [4, 100, 300], steps=2, first=3, started=0.0)
+    q = studio.RunProgress([(168, 256), (336, 512), (512, 768)], [0, 0, 300], [0, 0, 2], first=3, started=0.0)
     q.step(studio.Step(3, 1, 2, 150))
     assert q.eta(now=3.0) == pytest.approx(3.0) and "from the run continued" in q.html()
+    # a strength below 1: the later scales run fewer steps, and their bars say so
+    r = studio.RunProgress([(168, 256), (336, 512)], [4, 50], [2, 1], started=0.0)
+    r.step(studio.Step(2, 0, 1, 0))
+    assert '<progress max="1" value="0">' in r.html() and "step 0/1" in r.html()
+    r.ended = "cancelled"  # no ETA stays on the page after a cancel
+    assert "ETA " not in r.html() and "cancelled · 0 of 54" in r.html() and "stopped at step 0/1" in r.html()
 
 
 def fox(st: studio.Studio, **values) -> dict:
@@ -107,8 +119,9 @@ def test_cancel_stops_after_the_current_step_and_keeps_finished_scales(tiny_pipe
     assert [(e.scale, e.step) for e in steps] == [(1, i) for i in range(5)] + [(2, i) for i in range(last + 1)]
     assert [e.scale for e in seen if not isinstance(e, studio.Step)] == [1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00001-5.x1.latent.safetensors", "00001-5.x1.png"]
-    per_scale = studio.scale_evals(TINY.unet, 384, 512, WINDOW // 2, 4)
-    assert per_scale[0] == steps[4].evals and per_scale[1] == 4 * steps[6].evals == 4 * steps[-1].evals / last
+    progress = st.progress(fox(st))
+    assert progress.evals[0] == steps[4].evals and progress.evals[1] == 4 * steps[6].evals == 4 * steps[-1].evals / last
+    assert progress.steps == [4, 4]
 
 
 def test_a_run_left_early_stops_and_the_next_waits_for_it(tiny_pipe, tiny_file, tmp_path, uploads,
@@ -244,17 +257,19 @@ def test_a_control_image_goes_with_a_controlnet_and_a_broken_vae_is_one_line(tmp
     st = studio.Studio(tiny_pipe, tmp_path, tmp_path, uploads)
     fox = {"prompt": "a fox", "height": 256, "width": 512}
     for values, field, message in (
-            ({"controlnet": "cn"}, "control_image", "the ControlNet cn needs a control image"),
-            ({"control_image": edges}, "controlnet", "a control image steers a ControlNet"),
-            ({"controlnet": "cn", "control_image": edges, "control_start": 0.5,
-              "control_end": 0.5}, "control_end", "from 0.5 to 0.5 of each scale's steps; it needs 0 <= start < end"),
-            ({"controlnet": "cn", "control_image": edges}, "controlnet", "cn: no ControlNet"),
-            ({"lora": [("style.safetensors", 1.0)]}, "lora", "style.safetensors: no such LoRA in the LoRA folder"),
-            ({"lora": [("../x.safetensors", 1.0)]}, "lora", "x.safetensors: not in the LoRA folder"),
-            ({"vae": "broken.safetensors"}, "vae", "broken.safetensors: ")):
-        with pytest.raises(studio.RequestError, match=message) as err:
+            ({"controlnet": "cn"}, ("control_image",), "1 ControlNet but no Control image: give one image per "
+             "ControlNet"),
+            ({"control_image": edges}, ("control_image",), "Control image steers a ControlNet: give ControlNet too"),
+            ({"controlnet": "cn", "control_image": edges, "control_start": 0.5, "control_end": 0.5},
+             ("control_start", "control_end"), "Start 0.5 and End 0.5: the ControlNet acts from start to end of each "
+             "scale's steps, so start must be below end"),
+            ({"controlnet": "cn", "control_image": edges}, ("controlnet",), "cn: no ControlNet"),
+            ({"lora": [("style.safetensors", 1.0)]}, ("lora",), "style.safetensors: no such LoRA in the LoRA folder"),
+            ({"lora": [("../x.safetensors", 1.0)]}, ("lora",), "x.safetensors: not in the LoRA folder"),
+            ({"vae": "broken.safetensors"}, ("vae",), "broken.safetensors: ")):
+        with pytest.raises(studio.RequestError, match=re.escape(message)) as err:
             st.settings({**fox, **values})
-        assert err.value.field == field and "\n" not in str(err.value)
+        assert err.value.fields == field and "\n" not in str(err.value)
 
 
 # ----------------------------------------------------------------------------------------------- the limits
@@ -265,7 +280,7 @@ def test_what_this_server_runs_for_no_client_is_refused_at_once_with_its_limit()
     fine = {"height": 512, "width": 1024, "lora": [("/w/loras/a.safetensors", -10.0)] * 8, "max_memory": 8 * gib}
     studio.check_limits(fine, limits)
     for change, field, message in (
-            ({"width": 65536, "height": 65536}, "size", "65536x65536 is over this server's limit of 1024 px a side; "
+            ({"width": 65536, "height": 65536}, ("height", "width"), "65536x65536 is over this server's limit of 1024 px a side; "
              "choose a smaller size"),
             ({"lora": [("/w/loras/a.safetensors", 1.0)] * 9}, "lora", "9 LoRAs: this server merges at most 8"),
             ({"lora": [("/w/loras/a.safetensors", 1e308)]}, "lora", "a.safetensors at 1e+308: a LoRA's weight must "
@@ -275,7 +290,7 @@ def test_what_this_server_runs_for_no_client_is_refused_at_once_with_its_limit()
              "has (8.0 GiB); leave it blank for none")):
         with pytest.raises(studio.RequestError, match=re.escape(message)) as err:
             studio.check_limits({**fine, **change}, limits)
-        assert err.value.field == field
+        assert err.value.fields == (field if isinstance(field, tuple) else (field,))
 
 
 def test_the_size_limit_is_fixed_off_cuda_and_what_the_memory_model_fits_on_it(monkeypatch):
@@ -284,15 +299,15 @@ def test_the_size_limit_is_fixed_off_cuda_and_what_the_memory_model_fits_on_it(m
     assert cpu.max_memory == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert studio.Limits.of(TINY, torch.device("cpu"), torch.float32, 20000).max_pixels == Image.MAX_IMAGE_PIXELS
     # on a 2 GiB CUDA device: the largest square in whole scales that the CLI's check_fits lets through
-    monkeypatch.setattr(studio.cli, "device_memory", lambda device: 2 << 30)
+    monkeypatch.setattr(request, "device_memory", lambda device: 2 << 30)
     cuda = torch.device("cuda")
     size = studio.Limits.of(TINY, cuda, torch.float16).max_size
 
     def fits(side):
-        settings = {"height": side, "width": side, "steps": 1, "stride": WINDOW // 2}
+        settings = {"height": side, "width": side, "steps": 1, "stride": WINDOW // 2, "guidance": 7.5, "strength": 1}
         try:
-            studio.cli.check_fits(TINY, settings, cuda, torch.float16, {})
-        except studio.cli.UserError:
+            request.check_fits(settings, TINY, cuda, torch.float16, resident(cuda))
+        except SettingError:
             return False
         return True
 

@@ -30,11 +30,10 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
-from minifusion import ui
+from minifusion import request, ui
 from minifusion.access import exposure_notice
 from minifusion.files import load_latents
 from minifusion.metadata import parse_a1111
-from minifusion.pipeline import check_request
 from minifusion.studio import Studio
 from minifusion.tiny import TINY, random_models, write_single_file
 from minifusion.uploads import Uploads
@@ -73,7 +72,7 @@ def test_size_presets_are_valid_requests_of_the_named_sizes():
     assert presets["1152 × 2048 (9:16)"] == (1152, 2048)
     for base in (256, 1024):
         for w, h in ui.size_presets(base).values():
-            check_request(base, base // 8, h, w, stride=base // 16)
+            request.check_size(h, w, base)
 
 
 def test_the_page_says_when_anyone_on_the_network_may_use_it(tiny_pipe, tiny_file, tmp_path):
@@ -240,12 +239,18 @@ def set_request(driver, prompt="a red fox", width=512, height=256, steps=2, seed
     fill(driver, "width", width)
     fill(driver, "height", height)
     fill(driver, "steps", steps)
+    random_seed = css(driver, "#random-seed input")[0]
+    if random_seed.is_selected():  # the seed typed, not a new random one
+        random_seed.click()
     fill(driver, "seed", seed)
 
 
 @needs_browser
 def test_a_run_streams_every_scale_and_downloads_the_png_with_the_clis_metadata(page, app):
     assert "its images are noise" in text(page, "#tiny-notice")  # the tiny model says so
+    # a random seed each run, as the command line draws one (the page once defaulted to a fixed 0)
+    assert css(page, "#random-seed input")[0].is_selected()
+    assert css(page, "#seed input")[0].get_attribute("value") == "-1"
     set_request(page)
     clicked = time.perf_counter()
     click(page, "generate")
@@ -303,7 +308,7 @@ def test_a_bad_request_shows_the_clis_message_inline(page, app):
     files = set(app["outputs"].iterdir())
     set_request(page, width=500)
     click(page, "generate")
-    wait_for(lambda: "width 500 is not a multiple of 8; pick e.g. 496" in text(page, "#width"), 20,
+    wait_for(lambda: "Width 500 is not a multiple of 8; pick e.g. 496" in text(page, "#width"), 20,
              "the inline error at the width")
     assert set(app["outputs"].iterdir()) == files and finished(page).startswith("done")  # nothing ran
     # a memory budget nothing fits in, refused before it runs as the CLI refuses it
@@ -347,7 +352,7 @@ def test_the_generate_endpoint_queues_the_page_whose_cancel_withdraws_its_reques
     assert pixels(Path(files[-1])) == pixels(app["cli_png"])  # the CLI's picture for the same settings
     status = wait_for(lambda: finished(page) if finished(page).startswith("cancelled") else None, 60, "cancel")
     assert status == "cancelled before the run started" and of_seed(app["outputs"], 8) == []
-    with pytest.raises(AppError, match="width 500 is not a multiple of 8"):
+    with pytest.raises(AppError, match="Width 500 is not a multiple of 8"):
         client.predict("a red fox", width=500, height=256, api_name="/generate", **FAST)
 
 
@@ -459,7 +464,7 @@ def test_the_generate_endpoint_takes_loras_vae_and_controlnet_by_their_names(app
                           (["style.safetensors:lots"], "no such LoRA")):
         with pytest.raises(AppError, match=message):
             client.predict("a red fox", **{**adapted, "lora": lora})
-    with pytest.raises(AppError, match="a control image steers a ControlNet"):
+    with pytest.raises(AppError, match="Control image steers a ControlNet"):
         client.predict("a red fox", **{**adapted, "controlnet": None})
 
 

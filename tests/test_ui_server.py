@@ -215,7 +215,9 @@ def test_loras_budgets_and_uploads_are_bounded_and_each_refusal_is_one_line(serv
     for kwargs, message in (({"lora": ["style.safetensors:0.5"] * 1000}, "1000 LoRAs: this server merges at most 8"),
                             ({"lora": ["style.safetensors:1e308"]}, "style.safetensors at 1e+308: a LoRA's weight "
                              "must be from -10 to 10"),
-                            ({"max_memory": "1e30GiB"}, "a budget of 1e+30 GiB is more than this server's device"),
+                            ({"max_memory": "1e30GiB"}, "Memory budget '1e30GiB' is invalid; it must be below an "
+                             "exbibyte"),
+                            ({"max_memory": "100000GiB"}, "a budget of 1e+05 GiB is more than this server's device"),
                             ({"lora": "style.safetensors"}, 'lora: a list of "NAME:WEIGHT"')):
         with pytest.raises(AppError) as err:
             client.predict("a fox", width=512, steps=1, api_name="/generate", **kwargs)
