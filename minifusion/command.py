@@ -15,6 +15,9 @@ import torch
 
 from . import distributed, memory, metadata, request
 from .checkpoint import CheckpointError, inspect_checkpoint
+from .model_files import find_checkpoint
+from .noise import detect
+from .samplers import run_steps
 from .controlnet import canny, phase1_condition_size
 from .controlnet_file import inspect_controlnet
 from .demofusion import scale_sizes
@@ -26,7 +29,7 @@ from .metadata import NoSettings, save_png
 from .pipeline import DEFAULT_WEIGHTS, DTYPES, NonFiniteError, default_dtype, load, resident, resolve_device
 from .progress import Progress, bar
 from .safetensors_check import NotSafetensors
-from .settings import MODEL, RECORDED, REQUEST, SEED_MAX, SettingError, check, cli_word, defaults
+from .settings import MODEL, RECORDED, REQUEST, SAMPLERS, SEED_MAX, SettingError, check, cli_word, defaults
 from .tokenizer import Tokenizer
 from .vae_file import VAEFile, inspect_vae, vae_dtype_for
 from .views import is_out_of_memory
@@ -170,6 +173,7 @@ def plan(args, device: torch.device | None = None) -> Plan:
     out = _out(args)
     try:
         cfgs = inspect_checkpoint(settings["weights"])  # headers only
+        noise = detect(*find_checkpoint(Path(settings["weights"])))  # v-prediction, zero SNR: what its files say
         settings["weights"] = request.model_file(settings["weights"])
     except NotSafetensors as e:
         hint = "; to rerun a PNG's settings use --settings-from" if "image" in e.kind else ""
@@ -179,7 +183,8 @@ def plan(args, device: torch.device | None = None) -> Plan:
     picture = settings["image"] if resume is not None else None
     try:
         req = request.resolve({**settings, "prompt": prompts[0], "image": None if resume else settings["image"]},
-                              cfgs, controlnets=len(settings["controlnet"]), paired=True, resume=resume, group=group)
+                              cfgs, noise=noise, controlnets=len(settings["controlnet"]), paired=True, resume=resume,
+                              group=group)
     except SettingError as e:
         raise worded(e) from None
     lines = []
@@ -231,6 +236,10 @@ def plan(args, device: torch.device | None = None) -> Plan:
     world = distributed.world(group) if group is not None and len(jobs) == 1 else 1
     settings["view_batch"] = request.view_batch(settings, cfgs, planned, world)
     lines.append(describe(cfgs, settings, req.first, device, dtype, len(jobs), extra))
+    lines.append(sampling_line(req))
+    if settings["guidance"] <= 1 and settings["negative"]:
+        lines.append(f"warning: --negative is not used at --guidance {settings['guidance']:g}: at 1 or below "
+                     "classifier-free guidance is off and only the prompt's half runs")
     if out is None:
         OUTPUTS.mkdir(exist_ok=True)
     record = {k: settings[k] for k in ("control_image", "canny") if settings.get(k) is not None}
@@ -290,6 +299,18 @@ def describe(cfgs, settings: dict, first: int, device: torch.device, dtype: torc
     return (f"plan: {len(sizes) - first + 1} scale(s) {scales}, {evals * images} UNet evaluations"
             + (f" ({images} images)" if images > 1 else "")
             + f", about {peak / memory.GiB:.1f} GiB peak on {device.type} ({str(dtype).replace('torch.', '')})")
+
+
+def sampling_line(req: "request.Request") -> str:
+    """One line: the sampler on its schedule, the steps each scale runs, and what the model predicts (as its files
+    say, or as told)."""
+    s = req.settings
+    run = req.sampling
+    steps = f"timesteps {','.join(map(str, s['timesteps']))}" if s["timesteps"] else f"{s['steps']} step" + "s" * (s["steps"] != 1)
+    part = run_steps(run.steps, s["strength"])
+    return (f"sampling: {SAMPLERS[s['sampler']]}, {s['schedule']} schedule, {steps} a scale"
+            + (f" ({part} of them after the first scale, at strength {s['strength']:g})" if part < run.steps else "")
+            + f"; the model: {req.noise.describe()}")
 
 
 def check_fits(cfgs, settings: dict, device: torch.device, dtype: torch.dtype, extra: dict) -> None:

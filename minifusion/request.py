@@ -50,6 +50,12 @@ def from_api(prompt, kwargs: dict[str, Any]) -> dict[str, Any]:
     command line's, or diffusers', was used)."""
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be text, not {type(prompt).__name__}")
+    older = {s.older: s for s in BY_NAME.values() if s.older and s.name in REQUEST}  # scheduler= -> sampler
+    for k in [k for k in kwargs if k in older]:
+        if older[k].api in kwargs:
+            name = older[k].name
+            raise SettingError(name, lambda w: f"{k} is the older name of {w(name)}: give {w(name)} alone")
+        kwargs = {**{n: v for n, v in kwargs.items() if n != k}, older[k].api: kwargs[k]}
     unknown = [k for k in kwargs if k not in BY_API or BY_API[k].name not in REQUEST]
     if unknown:
         hints = {**{s.name: s.api for s in BY_NAME.values() if s.api and s.name != s.api and s.name in REQUEST},

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image, PngImagePlugin
+from safetensors.torch import load_file, save_file
 
 from minifusion import __main__ as cli
 from minifusion import __version__, command, request
@@ -499,8 +500,11 @@ def test_the_plan_is_said_before_loading(tiny_file, tmp_path, capsys, monkeypatc
                     "--width", "512", *FAST)
     assert code == 130
     # 3 scales; UNet evaluations = 2 (CFG) x 2 steps x (1 + (6 windows + 4 views) + (15 windows + 9 views))
-    assert err.splitlines()[0] == ("plan: 3 scale(s) 168x256 -> 336x512 -> 512x768, 140 UNet evaluations, about "
-                                   f"{err.split('about ')[1].split(' GiB')[0]} GiB peak on cpu (float32)")
+    lines = [line for line in err.splitlines() if not line.startswith("measuring the memory model")]  # once a machine
+    assert lines[0] == ("plan: 3 scale(s) 168x256 -> 336x512 -> 512x768, 140 UNet evaluations, about "
+                        f"{err.split('about ')[1].split(' GiB')[0]} GiB peak on cpu (float32)")
+    assert lines[1] == "sampling: DDIM, leading schedule, 2 steps a scale; the model: epsilon prediction (SDXL's " \
+        "scheduler config)"
 
 
 def test_settings_from_works_from_another_folder_and_after_a_move(tiny_file, tmp_path, capsys, monkeypatch):
@@ -560,3 +564,27 @@ def test_ctrl_c_while_starting_is_one_line(tiny_file, tmp_path):
         err = proc.communicate(timeout=60)[1]
         assert proc.returncode == 130, err
         assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted"), err
+
+
+def test_a_v_prediction_file_is_sampled_as_one_and_the_plan_says_so(tiny_file, tmp_path, capsys):
+    """The command line resolved the request against SDXL's own noise schedule, so a file marked v_pred/ztsnr
+    was recorded, and sampled, as epsilon prediction unless --prediction was given."""
+    marked = tmp_path / "vpred.safetensors"
+    save_file({**load_file(str(tiny_file)), "v_pred": torch.tensor([]), "ztsnr": torch.tensor([])}, str(marked),
+              metadata={"modelspec.resolution": "256x256"})
+    out = tmp_path / "v.png"
+    code, err = run(capsys, "a cat", "--weights", marked, "--out", out, "--height", "256", "--width", "256",
+                    "--steps", "1", "--dtype", "float32", "--device", "cpu", "--seed", "0", "--guidance", "1",
+                    "--negative", "blurry")
+    assert code == 0, err
+    assert "sampling: DDIM, leading schedule, 1 step a scale; the model: v-prediction, zero terminal SNR (v_pred, " \
+           "ztsnr keys)" in err
+    assert "warning: --negative is not used at --guidance 1" in err
+    s = settings_of(out)["settings"]
+    assert (s["prediction"], s["zero_snr"]) == ("v_prediction", True)
+    code, err = run(capsys, "a cat", "--weights", marked, "--out", tmp_path / "eps.png", "--height", "256", "--width",
+                    "256", "--steps", "1", "--dtype", "float32", "--device", "cpu", "--seed", "0", "--guidance", "1",
+                    "--negative", "blurry", "--prediction", "eps")
+    assert code == 0 and "the model: epsilon prediction, zero terminal SNR (given)" in err, err
+    assert settings_of(tmp_path / "eps.png")["settings"]["prediction"] == "epsilon"
+    assert Image.open(out).tobytes() != Image.open(tmp_path / "eps.png").tobytes()

@@ -175,7 +175,7 @@ def test_a_bad_request_under_torchrun_is_said_once(tiny_file, tmp_path):
     proc = torchrun(2, "-m", "minifusion", "a cat", "--weights", tiny_file, "--out", tmp_path / "x.png",
                     "--height", "500", timeout=120)
     assert proc.returncode != 0
-    assert proc.stderr.count("error: --height 500 is invalid; it is not a multiple of 8") == 1
+    assert proc.stderr.count("error: --height 500 is not a multiple of 8; pick e.g. 496") == 1
     # no rank raised (torchrun then prints its frames as "[rankN]: ..."); torchrun's own report of the exit
     # status follows, which is torchrun's doing
     assert "[rank" not in proc.stderr and "minifusion/__main__.py" not in proc.stderr
