@@ -26,9 +26,11 @@ import torch.nn.functional as F
 from .samplers import Sampling, randn, run_steps, sample
 from .schedulers import Choice
 from .schedules import TRAIN_STEPS
+from .settings import BY_NAME
 from .views import Cond, Dilated, ViewRunner, Whole, Window
 
 LATENT_CHANNELS = 4
+DEFAULT = {name: row.default for name, row in BY_NAME.items()}  # the table's defaults, the paper's knobs among them
 
 
 def scale_sizes(height: int, width: int, base: int) -> list[tuple[int, int]]:
@@ -61,7 +63,7 @@ def fuse(local: torch.Tensor, global_: torch.Tensor, t: int, cosine_scale_2: flo
     return (1 - c2) * local + c2 * global_  # Eq. 5
 
 
-def renormalise(z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def renormalise(z: torch.Tensor, mean: torch.Tensor | float, std: torch.Tensor | float) -> torch.Tensor:
     # end of each scale >= 2: back to phase 1's global statistics (unbiased std), as the reference does
     return (z - z.mean()) / z.std() * std + mean
 
@@ -179,6 +181,7 @@ class ScaleResult(NamedTuple):
     scale: int  # 1 = phase 1
     latents: torch.Tensor
     stats: ScaleStats
+    anchor: tuple  # phase 1's latent mean and std (0-dim tensors, or a resumed run's floats): every later scale's
 
 
 class Resume(NamedTuple):
@@ -192,21 +195,24 @@ class Resume(NamedTuple):
 
 @torch.no_grad()
 def demofusion(unet: Callable, cond: Cond, *, height: int, width: int, base_px: int, window: int, steps: int,
-               guidance_scale: float, generator: torch.Generator | None = None, stride: int = 64,
-               view_batch_size: int = 16, cosine_scale_1: float = 3.0, cosine_scale_2: float = 1.0,
-               cosine_scale_3: float = 1.0, sigma: float = 0.8, jitter: bool = True,
+               guidance_scale: float, stride: int, generator: torch.Generator | None = None,
+               view_batch_size: int = DEFAULT["view_batch"], cosine_scale_1: float = DEFAULT["c1"],
+               cosine_scale_2: float = DEFAULT["c2"], cosine_scale_3: float = DEFAULT["c3"],
+               sigma: float = DEFAULT["sigma"], jitter: bool = DEFAULT["jitter"],
                latents: torch.Tensor | None = None, noise: list[torch.Tensor] | None = None,
-               sampler: str | Sampling | None = None, scheduler: str | None = None, strength: float = 1.0,
-               guidance_rescale: float = 0.0,
+               sampler: str | Sampling = DEFAULT["sampler"], strength: float = DEFAULT["strength"],
+               guidance_rescale: float = DEFAULT["guidance_rescale"],
                progress: Callable[[int, int, int, int], None] | None = None, resume: Resume | None = None,
                on_out_of_memory: Callable[[int], None] | None = None,
                runner: Callable[..., ViewRunner] = ViewRunner) -> Iterator[ScaleResult]:
-    """Yield ScaleResult(scale, latents, stats) as each scale 1..S finishes; scales >= 2 renormalised.
+    """Yield ScaleResult(scale, latents, stats, anchor) as each scale 1..S finishes; scales >= 2 renormalised to
+    the anchor, phase 1's statistics.
 
     unet(latents (N,4,h,w), timesteps (N,), context (N,L,C), pooled (N,P), time_ids (N,6)) -> the model's output.
-    sampler: a samplers.Sampling (sampler, schedule, model noise schedule), or a sampler's short name run on
-    SDXL's schedule with `steps` steps (default "ddim"; scheduler is its older name). strength: scales >= 2 re-noise to the point that leaves the last
-    steps x strength steps (samplers.run_steps) and run those. guidance_rescale: views.rescale_guidance.
+    The knobs' defaults are minifusion.settings' (the paper's). sampler: a samplers.Sampling (sampler, schedule,
+    model noise schedule), or a sampler's short name run on SDXL's schedule with `steps` steps. strength: scales
+    >= 2 re-noise to the point that leaves the last steps x strength steps (samplers.run_steps) and run those.
+    guidance_rescale: views.rescale_guidance.
     latents: phase-1 initial noise (1,4,h,w); noise: one tensor per scale >= 2. What is not injected is drawn from
     `generator`, in that order (phase-1 noise, then per scale its noise, and per step the window jitter and the
     sampler's noise). progress(scale, step, steps run at the scale, unet_evals so far in this scale) after each
@@ -216,7 +222,6 @@ def demofusion(unet: Callable, cond: Cond, *, height: int, width: int, base_px: 
     ControlNet or minifusion.distributed plug in there), which batches them view_batch_size at a time and
     halves the batch when memory runs out (on_out_of_memory(new batch) is told).
     """
-    sampler = sampler or scheduler or "ddim"
     run = Choice(sampler).sampling(steps) if isinstance(sampler, str) else sampler
     sizes = scale_sizes(height, width, base_px)
     device = cond.context.device
@@ -245,8 +250,8 @@ def demofusion(unet: Callable, cond: Cond, *, height: int, width: int, base_px: 
 
         z = sample(run, whole, latents.to(device, torch.float32), generator=generator,
                    on_step=report(1, 0, 0))
-        yield ScaleResult(1, z, ScaleStats(sizes[0], 0, 0, run_views.evals, run_views.calls))
-        anchor_mean, anchor_std = z.mean(), z.std()  # the statistics every later scale is renormalised to
+        anchor_mean, anchor_std = z.mean(), z.std()  # what every later scale is renormalised to
+        yield ScaleResult(1, z, ScaleStats(sizes[0], 0, 0, run_views.evals, run_views.calls), (anchor_mean, anchor_std))
         first = 2
     else:
         if not 1 <= resume.scale <= len(sizes) or resume.latents.shape[-2:] != sizes[resume.scale - 1]:
@@ -288,4 +293,4 @@ def demofusion(unet: Callable, cond: Cond, *, height: int, width: int, base_px: 
                    generator=generator, on_step=report(s, start, evals))
         z = renormalise(z, anchor_mean, anchor_std)
         yield ScaleResult(s, z, ScaleStats(sizes[s - 1], n_windows, s * s, run_views.evals - evals,
-                                           run_views.calls - calls))
+                                           run_views.calls - calls), (anchor_mean, anchor_std))

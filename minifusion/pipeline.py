@@ -19,7 +19,7 @@ from .controlnet_file import inspect_controlnet, load_controlnet
 from .decode import TileShare, decode_tiled
 from .embeddings import Embedding, load_embeddings
 from .encode import base_scale_size, encode_tiled, load_image, open_image, sample_latents
-from .demofusion import Resume, demofusion, scale_sizes
+from .demofusion import Resume, demofusion
 from .files import SavedScale
 from .lora import Applied, infotext, open_loras
 from .model_files import find_checkpoint
@@ -324,7 +324,6 @@ class Pipeline:
                          resume=start, on_out_of_memory=lambda n: log.warning(
                              "out of memory: continuing with %d view(s) per UNet call (view_batch_size)", n),
                          runner=runner if control is None else partial(runner, control=control))
-        anchor = (start.anchor_mean, start.anchor_std) if start else None
         done = start.scale if start else 0
         while done < len(req.sizes):
             _reset_peak(self.device)
@@ -335,8 +334,6 @@ class Pipeline:
             if not torch.isfinite(scale.latents).all():
                 raise NonFiniteError(f"scale {scale.scale}'s latents contain NaN or inf: the UNet overflowed in "
                                      f"{str(self.dtype).replace('torch.', '')}; use bfloat16 or float32")
-            if anchor is None:
-                anchor = (scale.latents.mean().item(), scale.latents.std().item())
             denoised = time.perf_counter() - began
             self._place("vae", plan.kept)
             image = self.decode(scale.latents, tiled=plan.decode_tile is not None, tile=plan.decode_tile,
@@ -348,6 +345,7 @@ class Pipeline:
                      "windows": scale.stats.windows, "dilated_views": scale.stats.dilated_views,
                      "peak_memory_bytes": _peak(self.device)}
             image.info.update(metadata.info(recorded, image.size, scale.scale, len(req.sizes), self.model_info()))
+            anchor = (float(scale.anchor[0]), float(scale.anchor[1]))
             yield Scale(scale.scale, image, scale.latents, stats, anchor, generator.get_state(), recorded)
 
     def generate(self, prompt: str, **kwargs) -> "Result":
