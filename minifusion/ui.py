@@ -557,6 +557,10 @@ CSS = """
 .mf-scale progress { flex: 1; height: 12px; }
 .mf-scale .mf-state { width: 11em; text-align: right; }
 .mf-small { font-size: 0.85em; opacity: 0.8; }
+/* a refusal above its field, not over it (Gradio lays it over the field's top, where a slider's value is): the
+   field stays in sight and in reach while it is being fixed */
+.wrap:has(> .validation-error) { position: static !important; overflow: visible !important; background: none !important; }
+.wrap > .validation-error { position: static !important; }
 """
 
 

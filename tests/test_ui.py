@@ -223,6 +223,13 @@ def natural_size(driver, selector: str) -> tuple[int, int] | None:
     return tuple(size) if size and size[0] else None
 
 
+def reachable(driver, selector: str) -> bool:
+    """The element is what a click at its centre lands on: nothing is laid over it."""
+    return driver.execute_script("const r = arguments[0].getBoundingClientRect(); "
+                                 "return document.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2) === arguments[0]",
+                                 css(driver, selector)[0])
+
+
 def gallery_sizes(driver) -> list[tuple[int, int]]:
     """The natural (decoded) sizes of the images the gallery shows, once each has loaded."""
     return [tuple(driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", im))
@@ -311,8 +318,21 @@ def test_a_bad_request_shows_the_clis_message_inline(page, app):
     wait_for(lambda: "Width 500 is not a multiple of 8; pick e.g. 496" in text(page, "#width"), 20,
              "the inline error at the width")
     assert set(app["outputs"].iterdir()) == files and finished(page).startswith("done")  # nothing ran
-    # a memory budget nothing fits in, refused before it runs as the CLI refuses it
     fill(page, "width", 512)
+    # ControlNet settings without a ControlNet (start after end passed silently); the message sits above the
+    # slider, not over its value and track as Gradio lays it
+    css(page, "#control .label-wrap")[0].click()
+    slide(page, "control-start", 0.8)
+    slide(page, "control-end", 0.2)
+    click(page, "generate")
+    wait_for(lambda: "Start steers a ControlNet: give ControlNet and Control image too" in text(page, "#control-start"),
+             20, "the inline error at the ControlNet's start")
+    assert reachable(page, "#control-start input[type=number]") and reachable(page, "#control-start input[type=range]")
+    slide(page, "control-start", 0)
+    slide(page, "control-end", 1)
+    css(page, "#control .label-wrap")[0].click()  # closed again, as the later tests expect it
+    assert set(app["outputs"].iterdir()) == files
+    # a memory budget nothing fits in, refused before it runs as the CLI refuses it
     css(page, "#advanced .label-wrap")[0].click()
     fill(page, "max-memory", "1MiB")
     click(page, "generate")
