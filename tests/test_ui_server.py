@@ -196,14 +196,13 @@ def test_a_run_over_the_size_limit_is_refused_before_anything_runs(server):
     sent through the API and cancelled, it went on writing scales until the server was killed.)"""
     client, outputs = server["client"], server["outputs"]
     files = set(outputs.iterdir())
-    started = time.monotonic()
     with pytest.raises(AppError, match=r"^65536x65536 is over this server's limit of 1024 px a side; choose a "):
         client.predict("a fox", width=65536, height=65536, steps=1, api_name="/generate")
     wide = upload(server, "wide.png", png((2000, 400)))  # 0.8 million pixels: within the pixel limit
     with pytest.raises(AppError, match=r"^2048x408 is over this server's limit of 1024 px a side"):
         client.predict("a fox", steps=1, image={"path": wide, "meta": {"_type": "gradio.FileData"}},
                        api_name="/generate")
-    assert time.monotonic() - started < 10 and set(outputs.iterdir()) == files
+    assert set(outputs.iterdir()) == files  # refused before anything ran: no scale written
     status, reply = run_event(server, page_event(server, "image"), [{"path": wide}])
     assert status == 200 and reply["data"][:2] == [1024, 208], reply
 
