@@ -52,3 +52,37 @@ def test_runtime_dependencies_are_exactly_what_the_package_imports():
     assert third_party - runtime.keys() - optional.keys() == set()  # nothing imported that install would miss
     # nothing declared that is never imported, but open_clip, whose package only supplies the BPE vocabulary file
     assert runtime.keys() - third_party == {"open_clip"}
+
+
+def package_modules_imported(path: Path) -> set[str]:
+    """The minifusion modules a file imports: `from . import x`, `from .x import y`, `minifusion.x`."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").startswith("minifusion")):
+            module = (node.module or "").removeprefix("minifusion").lstrip(".")
+            found.update([module.split(".")[0]] if module else [a.name for a in node.names])
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("minifusion."))
+    return found
+
+
+def test_front_ends_share_the_request_model_not_each_other():
+    """The web UI once imported the command line's __main__ for its defaults and rules; the front ends (the command
+    line, the page and its server) now meet only in minifusion.request and minifusion.settings."""
+    command_line = {"__main__", "command", "progress"}
+    web = {"ui", "studio", "app"}
+    for f in sorted(PACKAGE.rglob("*.py")):
+        name = f.stem
+        imported = package_modules_imported(f)
+        if name not in command_line:
+            assert not imported & command_line, (f.name, imported & command_line)
+        if name not in web:
+            assert not imported & web, (f.name, imported & web)
+    assert {"request", "settings"} <= package_modules_imported(PACKAGE / "studio.py")
+    assert "request" in package_modules_imported(PACKAGE / "command.py")
+
+
+def test_the_front_end_check_sees_an_import_of_the_command_line(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from . import __main__ as cli\nfrom .command import run\nimport minifusion.progress\n")
+    assert package_modules_imported(bad) == {"__main__", "command", "progress"}
