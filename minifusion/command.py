@@ -1,4 +1,4 @@
-"""The command line's run: its flags (minifusion.__main__) become a request, checked whole before any weight is
+"""The command line's run: its flags (the parser in __main__.py) become a request, checked whole before any weight is
 read (minifusion.request), then the model loads and every scale is written as it finishes."""
 from __future__ import annotations
 

@@ -25,8 +25,8 @@ from .files import SavedScale
 from .noise import NoiseSchedule
 from .samplers import Sampling
 from .schedulers import check_sampling
-from .settings import (BY_API, BY_NAME, MODEL, RANDOM_SEEDS, REQUEST, SettingError, check, defaults, invalid,
-                       parse_size)
+from .settings import (BY_API, BY_NAME, MODEL, RANDOM_SEEDS, REQUEST, SettingError, check, current_names, defaults,
+                       invalid, parse_size)
 from .views import halves
 
 CONTROL = ("control_scale", "control_start", "control_end", "guess_mode", "canny")  # what steers a ControlNet
@@ -50,12 +50,7 @@ def from_api(prompt, kwargs: dict[str, Any]) -> dict[str, Any]:
     command line's, or diffusers', was used)."""
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be text, not {type(prompt).__name__}")
-    older = {s.older: s for s in BY_NAME.values() if s.older and s.name in REQUEST}  # scheduler= -> sampler
-    for k in [k for k in kwargs if k in older]:
-        if older[k].api in kwargs:
-            name = older[k].name
-            raise SettingError(name, lambda w: f"{k} is the older name of {w(name)}: give {w(name)} alone")
-        kwargs = {**{n: v for n, v in kwargs.items() if n != k}, older[k].api: kwargs[k]}
+    kwargs = current_names(kwargs, key=lambda s: s.api)  # scheduler= is sampler=
     unknown = [k for k in kwargs if k not in BY_API or BY_API[k].name not in REQUEST]
     if unknown:
         hints = {**{s.name: s.api for s in BY_NAME.values() if s.api and s.name != s.api and s.name in REQUEST},

@@ -326,6 +326,22 @@ def check(name: str, value) -> None:
             raise invalid(name, v)
 
 
+def current_names(values: dict[str, Any], key: Callable[[Setting], str] = lambda s: s.name) -> dict[str, Any]:
+    """`values` with a value given under a setting's older name (scheduler=) moved to key(setting), its name or
+    generate()'s keyword; SettingError when both are given."""
+    out = dict(values)
+    for s in ROWS:
+        if s.older is None or s.older not in out:
+            continue
+        older = out.pop(s.older)
+        if older is not None and out.get(key(s)) is not None:
+            raise SettingError(s.name, lambda w, s=s: f"{s.older} is the older name of {w(s.name)}: give "
+                               f"{w(s.name)} alone")
+        if out.get(key(s)) is None:
+            out[key(s)] = older
+    return out
+
+
 def parse_size(text: str | int | float, unit: int = 1) -> int:
     """Bytes from 8589934592, "8GiB", "8 GB", "512MiB" or, with unit=GiB, a plain 8 or "8". Binary units
     throughout (GB is read as GiB, as memory is sold). ValueError if it is not a positive size."""

@@ -43,7 +43,7 @@ from .encode import base_scale_size
 from .files import LatentFileError
 from .lora import parse_spec
 from .folders import shown_folder
-from .settings import AUTOMATIC, BY_NAME, GENERATE, ROWS, SAMPLERS, SCHEDULES, SettingError
+from .settings import AUTOMATIC, BY_NAME, GENERATE, ROWS, SAMPLERS, SCHEDULES, SettingError, current_names
 from .studio import (MAX_LORAS, Cancelled, Finished, Loading, RequestError, RunProgress, Step, Studio, canny_of,
                      check_size, duration, error_line, one_line)
 
@@ -502,14 +502,11 @@ def _api(studio: Studio) -> None:
         values = signature.bind(*args, **kwargs)
         values.apply_defaults()
         values = dict(values.arguments)
-        for row in ROWS:
-            if row.older and row.older in values:
-                older = values.pop(row.older)
-                values[row.name] = values[row.name] if values[row.name] is not None else older
         lora = values["lora"]
         if not isinstance(lora or [], list) or not all(isinstance(spec, str) for spec in lora or []):
             raise gr.Error('lora: a list of "NAME:WEIGHT"', print_exception=False)
         try:
+            values = current_names(values)  # scheduler= is sampler=
             values["lora"] = [parse_spec(spec) for spec in lora or []]
             settings = await asyncio.to_thread(studio.settings, values)
         except (RequestError, ValueError) as e:

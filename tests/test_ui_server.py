@@ -385,3 +385,17 @@ def test_replies_name_no_server_folder(server):
     assert re.fullmatch(r"\d{5}-41\.input\.png", summary["settings"]["image"])
     assert re.fullmatch(r"\d{5}-41\.x1\.latent\.safetensors", summary["scales"][0]["latents"])
     assert root not in json.dumps(summary)
+
+
+def test_generate_takes_the_tables_settings_and_the_older_scheduler_name(server):
+    """/generate's keywords are the table's rows: a sampling setting by its name, the sampler also by its older
+    name (scheduler=), both at once refused in one line."""
+    client = server["client"]
+    _, summary = client.predict("a fox", width=256, height=256, steps=2, seed=42, scheduler="euler",
+                                api_name="/generate")
+    assert (summary["settings"]["sampler"], summary["settings"]["schedule"]) == ("euler", "leading")
+    _, summary = client.predict("a fox", width=256, height=256, steps=2, seed=43, sampler="DPM++ 2M",
+                                guidance=1.0, api_name="/generate")
+    assert (summary["settings"]["sampler"], summary["settings"]["schedule"]) == ("dpmpp_2m", "karras")
+    with pytest.raises(AppError, match="^scheduler is the older name of sampler: give sampler alone$"):
+        client.predict("a fox", width=256, height=256, steps=1, sampler="ddim", scheduler="euler", api_name="/generate")
