@@ -479,8 +479,9 @@ def api_parameters() -> list[inspect.Parameter]:
     for row in ROWS:
         if row.part != GENERATE and row.name not in API_MODEL:
             continue
-        kind = (FileData if row.name in request.PICTURES else list[str] if row.many and row.name == "lora" else
-                row.kind if row.kind in (int, float, bool) and not row.many else float if row.many else str)
+        # one picture, ControlNet and value each (the page steers one ControlNet); text typed as on the command line
+        kind = (FileData if row.name in request.PICTURES else list[str] if row.name == "lora" else
+                row.kind if row.kind in (int, float, bool) else str)
         default = inspect.Parameter.empty if row.name == "prompt" else None if row.resolved else row.default
         default = None if isinstance(default, list) else default
         params.append(inspect.Parameter(row.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
