@@ -322,6 +322,7 @@ def test_a_bad_request_shows_the_clis_message_inline(page, app):
     # ControlNet settings without a ControlNet (start after end passed silently); the message sits above the
     # slider, not over its value and track as Gradio lays it
     css(page, "#control .label-wrap")[0].click()
+    wait_for(lambda: css(page, "#control-start input[type=number]"), 10, "the ControlNet's sliders")  # render late
     slide(page, "control-start", 0.8)
     slide(page, "control-end", 0.2)
     click(page, "generate")
