@@ -16,11 +16,8 @@ install:
 	# code); the tests load its sampling module alone, whose imports the test extra has (tests/sampler_oracles.py)
 	$(BIN)/pip install --quiet --no-deps k-diffusion==0.1.1.post1
 
-# two workers, a test file each at a time, one torch thread each: on 2 cores the processes the tests start and
-# wait for (torchrun ranks, the UI's server, the CLI) overlap with the other worker's tensor work (7.5 min, not 11.7)
-WORKERS ?= 2
 test:
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q
 
 # Time, memory and work per scale on the tiny random model, 2 steps a scale, without the comparison with the
 # reference implementation (seconds on a CPU); results in bench/results/. BENCH= runs every section at 50 steps.
