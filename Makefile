@@ -16,8 +16,12 @@ install:
 	# code); the tests load its sampling module alone, whose imports the test extra has (tests/sampler_oracles.py)
 	$(BIN)/pip install --quiet --no-deps k-diffusion==0.1.1.post1
 
+# Most files on two workers, a file each at a time, one torch thread each; then, alone, the torchrun ranks and the
+# browser: run beside the other worker they failed now and then (a gloo rank aborting, the page reloading)
+ALONE := tests/test_distributed.py tests/test_controlnet_distributed.py tests/test_bench.py tests/test_ui.py
 test:
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile $(addprefix --ignore=,$(ALONE))
+	$(BIN)/python -m pytest -q $(ALONE)
 
 # Time, memory and work per scale on the tiny random model, 2 steps a scale, without the comparison with the
 # reference implementation (seconds on a CPU); results in bench/results/. BENCH= runs every section at 50 steps.
