@@ -306,7 +306,10 @@ def sampling_line(req: "request.Request") -> str:
     say, or as told)."""
     s = req.settings
     run = req.sampling
-    steps = f"timesteps {','.join(map(str, s['timesteps']))}" if s["timesteps"] else f"{s['steps']} step" + "s" * (s["steps"] != 1)
+    if s["timesteps"]:
+        steps = f"timesteps {','.join(map(str, s['timesteps']))}"
+    else:
+        steps = f"{s['steps']} step" + "s" * (s["steps"] != 1)
     part = run_steps(run.steps, s["strength"])
     return (f"sampling: {SAMPLERS[s['sampler']]}, {s['schedule']} schedule, {steps} a scale"
             + (f" ({part} of them after the first scale, at strength {s['strength']:g})" if part < run.steps else "")

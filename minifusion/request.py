@@ -82,9 +82,8 @@ def resolve(values: dict[str, Any], cfgs: Configs, *, noise: NoiseSchedule = Noi
     UI's gate reads a client's picture from its header; the pixels are read when the run starts)."""
     values = {k: v for k, v in values.items() if k in REQUEST and v is not None}
     if resume is not None and "sampler" not in values:  # a resumed run continues with the sampling it began
-        saved = resume.settings
+        saved = current_names(resume.settings)  # an older file's scheduler is its sampler
         values.update({k: saved[k] for k in SAMPLING if saved.get(k) is not None and k not in values})
-        values.setdefault("sampler", saved.get(BY_NAME["sampler"].older))
     s = {**defaults(), **{k: v for k, v in values.items() if v is not None}}
     for name in REQUEST:
         check(name, s[name])

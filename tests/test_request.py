@@ -155,6 +155,19 @@ def test_a_resumed_run_must_gain_scales_at_its_aspect():
         request.resolve({"prompt": "x", "height": 768, "width": 1024}, TINY, resume=saved)
 
 
+
+def test_a_resumed_run_keeps_its_sampling_under_either_name():
+    """A latents file written before the sampler had its name records it as scheduler."""
+    for saved_settings in ({"scheduler": "euler"}, {"sampler": "dpmpp_2m", "schedule": "karras"}):
+        saved = SavedScale(2, torch.zeros(1, 4, 64, 64), 0.0, 1.0, None, saved_settings)
+        s = request.resolve({"prompt": "x", "height": 768, "width": 768}, TINY, resume=saved).settings
+        assert {k: s[k] for k in saved_settings.keys() - {"scheduler"}} == \
+            {k: v for k, v in saved_settings.items() if k != "scheduler"}
+        assert s["sampler"] == saved_settings.get("sampler", saved_settings.get("scheduler"))
+    told = request.resolve({"prompt": "x", "height": 768, "width": 768, "sampler": "ddim"}, TINY, resume=saved)
+    assert (told.settings["sampler"], told.settings["schedule"]) == ("ddim", "leading")
+
+
 def test_generate_keywords_map_to_settings_and_unknown_ones_name_the_right_one():
     assert request.from_api("p", {"num_inference_steps": 3, "multi_decoder": False}) == {
         "prompt": "p", "steps": 3, "tiled_decode": False}
